@@ -1,0 +1,144 @@
+"""RolloutActor: steps a vector environment with the newest policy weights it has been given.
+
+A plain class: the wiring runs it in-process (single machine) or wraps it with ``ray.remote``.
+
+    actor = RolloutActor(RolloutConfig(env=EnvConfig(...), policy="impala"))
+    actor.set_weights(version=1, weights=policy.state_dict())
+    batch = actor.rollout(num_steps=256)   # -> learner.rollout.Rollout, uint8 observations
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from actors import EnvConfig
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    """What one rollout actor runs."""
+
+    env: EnvConfig
+    #: policy registry name (attention.build_policy)
+    policy: str = "impala"
+    #: keyword options for the policy constructor
+    policy_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: seed of the action-sampling generator (the env seed lives in ``env``)
+    seed: int = 0
+    #: torch intra-op threads for CPU inference inside this actor (0 keeps torch's default)
+    torch_threads: int = 0
+
+
+class RolloutActor:
+    """Owns a vector env and a CPU copy of the policy; produces fixed-length trajectory batches."""
+
+    def __init__(self, config: RolloutConfig):
+        from actors import make_vec_env
+        from attention import build_policy
+
+        self.config = config
+        if config.torch_threads > 0:
+            torch.set_num_threads(config.torch_threads)
+        self.env = make_vec_env(config.env)
+        self.policy = build_policy(
+            config.policy, self.env.obs_shape, self.env.n_actions, **config.policy_options
+        )
+        self.policy.eval()
+        self.version = -1
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.obs = self.env.reset()  # (N, C, H, W) uint8
+        self.steps_done = 0
+        self.env_seconds = 0.0
+        self.inference_seconds = 0.0
+
+    @property
+    def obs_shape(self) -> tuple[int, ...]:
+        return tuple(self.env.obs_shape)
+
+    @property
+    def n_actions(self) -> int:
+        return int(self.env.n_actions)
+
+    def set_weights(self, version: int, weights: dict[str, Any]) -> None:
+        """Load weights (tensors or numpy arrays) tagged with a version number."""
+        if version == self.version:
+            return
+        state = {k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}
+        self.policy.load_state_dict(state)
+        self.version = int(version)
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sample actions for a batch of observations -> (actions, log-probs, values)."""
+        out = self.policy(torch.from_numpy(obs))
+        logp_all = torch.log_softmax(out.logits, dim=-1)  # (N, A)
+        actions = torch.multinomial(logp_all.exp(), 1, generator=self.generator).squeeze(1)
+        logp = logp_all.gather(1, actions[:, None]).squeeze(1)
+        return actions.numpy(), logp.numpy(), out.value.numpy()
+
+    @torch.no_grad()
+    def value(self, obs: np.ndarray) -> np.ndarray:
+        return self.policy(torch.from_numpy(obs)).value.numpy()
+
+    def rollout(self, num_steps: int):
+        """Step every env ``num_steps`` times -> a ``Rollout`` with (T, N) arrays."""
+        from learner.rollout import Rollout
+
+        if self.version < 0:
+            raise RuntimeError("set_weights must be called before rollout")
+        n = self.env.num_envs
+        obs_buf = np.empty((num_steps, n, *self.obs_shape), dtype=np.uint8)
+        act_buf = np.empty((num_steps, n), dtype=np.int64)
+        logp_buf = np.empty((num_steps, n), dtype=np.float32)
+        val_buf = np.empty((num_steps, n), dtype=np.float32)
+        rew_buf = np.empty((num_steps, n), dtype=np.float32)
+        done_buf = np.empty((num_steps, n), dtype=bool)
+        seed_buf = np.full((num_steps, n), -1, dtype=np.int64)
+        episodes = []
+        level_seeds = getattr(self.env, "level_seeds", None)
+        for t in range(num_steps):
+            t0 = time.perf_counter()
+            obs_buf[t] = self.obs
+            if level_seeds is not None:
+                seed_buf[t] = level_seeds()
+            actions, logp, values = self.act(self.obs)
+            t1 = time.perf_counter()
+            self.obs, reward, done, finished = self.env.step(actions)
+            self.env_seconds += time.perf_counter() - t1
+            self.inference_seconds += t1 - t0
+            act_buf[t], logp_buf[t], val_buf[t] = actions, logp, values
+            rew_buf[t], done_buf[t] = reward, done
+            episodes.extend(finished)
+        t0 = time.perf_counter()
+        last_value = self.value(self.obs)
+        self.inference_seconds += time.perf_counter() - t0
+        self.steps_done += num_steps * n
+        return Rollout(
+            obs=obs_buf,
+            actions=act_buf,
+            logprobs=logp_buf,
+            values=val_buf,
+            rewards=rew_buf,
+            dones=done_buf,
+            last_obs=self.obs.copy(),
+            last_value=last_value.astype(np.float32),
+            level_seeds=seed_buf,
+            policy_version=self.version,
+            episodes=episodes,
+        )
+
+    def timings(self) -> dict[str, float]:
+        return {
+            "steps": float(self.steps_done),
+            "env_seconds": self.env_seconds,
+            "inference_seconds": self.inference_seconds,
+        }
+
+    def close(self) -> None:
+        self.env.close()

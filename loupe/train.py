@@ -1,0 +1,297 @@
+"""`loupe train`: wiring of rollout actors, the PPO learner, checkpoints, TensorBoard and the bus.
+
+The algorithms live in ``actors/``, ``attention/`` and ``learner/``; this module only connects them.
+Sampling runs either in-process (``actors=0``) or in Ray actors (``loupe.distributed``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from actors import EnvConfig
+from learner import PPOConfig
+from loupe.config import from_dict, load_json, save_json, to_dict
+from loupe.errors import LoupeError
+from loupe.rundir import RunDir, run_id_for
+
+log = logging.getLogger("loupe.train")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything one training run needs; saved as ``<run_dir>/config.json``."""
+
+    #: environments (env id, options); ``env.num_envs`` is the total over all actors
+    env: EnvConfig
+    #: PPO hyper-parameters (see learner.PPOConfig); ``ppo.num_envs`` equals ``env.num_envs``
+    ppo: PPOConfig
+    #: run directory (checkpoints, TensorBoard, config)
+    run_dir: str
+    #: policy registry name
+    policy: str = "impala"
+    #: policy constructor options
+    policy_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: preset the PPO settings came from, for the record
+    preset: str | None = None
+    #: write a checkpoint every this many updates (and always at the end)
+    checkpoint_every: int = 10
+    #: checkpoints kept: the last ``keep_last`` plus every ``keep_every``-th (0: none extra)
+    keep_last: int = 5
+    keep_every: int = 0
+    #: "auto" (cuda if available), "cpu" or "cuda"
+    device: str = "auto"
+    #: number of Ray rollout actors; 0 samples in-process
+    actors: int = 0
+    #: where the policy runs while sampling: "actor" (CPU, in each rollout actor) or "central"
+    inference: str = "actor"
+    #: maximum versions between behaviour and learner weights (0: synchronous)
+    max_policy_lag: int = 1
+    #: Ray address ("auto" or host:port); None starts a local Ray
+    ray_address: str | None = None
+    #: Redis URL for checkpoint announcements; None starts a private server in the run dir
+    redis: str | None = None
+    #: announce checkpoints on the Redis bus
+    announce: bool = True
+    #: run id (derived from the run directory name when empty)
+    run_id: str = ""
+
+    def __post_init__(self):
+        if not self.run_id:
+            self.run_id = run_id_for(self.run_dir)
+        if self.env.num_envs != self.ppo.num_envs:
+            raise LoupeError(
+                f"env.num_envs={self.env.num_envs} differs from ppo.num_envs={self.ppo.num_envs}"
+            )
+        if self.checkpoint_every <= 0:
+            raise LoupeError("--checkpoint-every must be a positive number of updates")
+        if self.actors < 0:
+            raise LoupeError("--actors must be >= 0 (0 samples in-process)")
+        if self.actors and self.env.num_envs % self.actors:
+            raise LoupeError(
+                f"{self.env.num_envs} envs cannot be split evenly over {self.actors} actors"
+            )
+        if self.inference not in ("actor", "central"):
+            raise LoupeError(f"--inference must be 'actor' or 'central', not {self.inference!r}")
+        if self.max_policy_lag < 0:
+            raise LoupeError("--max-policy-lag must be >= 0")
+
+    @property
+    def envs_per_actor(self) -> int:
+        return self.env.num_envs // max(self.actors, 1)
+
+    def save(self, path: Path) -> None:
+        save_json(path, to_dict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        return from_dict(cls, load_json(path), where=str(path))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LoupeError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """One PPO run: sampler -> learner -> checkpoints/TensorBoard/bus, resumable."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True):
+        from attention import build_policy
+        from learner import PPOLearner
+
+        self.config = config
+        self.run = RunDir(config.run_dir)
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        torch.manual_seed(config.ppo.seed)
+        np.random.seed(config.ppo.seed)
+        self.sampler = make_sampler(config)
+        self.policy = build_policy(
+            config.policy, self.sampler.obs_shape, self.sampler.n_actions, **config.policy_options
+        )
+        self.learner = PPOLearner(self.policy, config.ppo, device=str(self.device))
+        self.version = 0
+        self.returns: deque[float] = deque(maxlen=100)
+        self.bus = None
+        self.redis_server = None
+        if resume:
+            self._restore()
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _restore(self) -> None:
+        from learner.checkpoint import latest_checkpoint, load_checkpoint, load_train_state
+
+        path = latest_checkpoint(self.run.path)
+        if path is None:
+            log.warning("no checkpoint in %s yet; starting from step 0", self.run.checkpoints)
+            return
+        policy, meta = load_checkpoint(path)
+        self.policy.load_state_dict(policy.state_dict())
+        self.learner.load_state_dict(load_train_state(path))
+        self.version = int(meta.get("version", 0))
+        log.info("resumed from %s at step %d", path, self.learner.global_step)
+
+    def checkpoint(self) -> Path:
+        from learner.checkpoint import save_checkpoint
+
+        meta = {
+            "step": self.learner.global_step,
+            "run_id": self.config.run_id,
+            "version": self.version,
+            "env": self.config.env.env_id,
+            "env_options": to_dict(self.config.env),
+            "preset": self.config.preset,
+        }
+        path = save_checkpoint(
+            self.run.path,
+            self.policy,
+            meta,
+            train_state=self.learner.state_dict(),
+            keep_last=self.config.keep_last,
+            keep_every=self.config.keep_every,
+        )
+        if self.bus is not None:
+            self._announce(path)
+        return path
+
+    def _announce(self, path: Path) -> None:
+        from loupe.bus import CheckpointAnnouncement
+
+        meta = load_json(path.with_suffix(".json"))
+        self.bus.publish_checkpoint(
+            CheckpointAnnouncement(
+                run_id=self.config.run_id,
+                step=int(meta["step"]),
+                uri=str(path.with_suffix(".json").resolve()),
+                sha256=meta["sha256"],
+                policy=self.config.policy,
+                env=self.config.env.env_id,
+            )
+        )
+
+    # -- main loop ---------------------------------------------------------------------------
+    def weights(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy() for k, v in self.policy.state_dict().items()}
+
+    def train(self) -> dict[str, float]:
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        cfg = self.config
+        total = cfg.ppo.total_steps
+        writer = SummaryWriter(str(self.run.tb))
+        bar = tqdm(
+            total=total,
+            initial=min(self.learner.global_step, total),
+            unit="step",
+            unit_scale=True,
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        last: dict[str, float] = {}
+        updates_since_ckpt = 0
+        self.sampler.start(self.weights(), self.version)
+        try:
+            while self.learner.global_step < total:
+                t0 = time.perf_counter()
+                rollout, sample_stats = self.sampler.collect()
+                t1 = time.perf_counter()
+                stats = self.learner.update(rollout)
+                self.version += 1
+                self.sampler.publish(self.weights(), self.version)
+                t2 = time.perf_counter()
+                for ep in rollout.episodes:
+                    self.returns.append(float(ep.ret))
+                    writer.add_scalar("episode/return", ep.ret, self.learner.global_step)
+                    writer.add_scalar("episode/length", ep.length, self.learner.global_step)
+                batch = rollout.actions.size
+                stats.update(sample_stats)
+                stats["policy_lag"] = float(self.version - 1 - rollout.policy_version)
+                stats["steps_per_s"] = batch / max(t2 - t0, 1e-9)
+                stats["sample_s"] = t1 - t0
+                stats["update_s"] = t2 - t1
+                if self.returns:
+                    stats["mean_return_100"] = float(np.mean(self.returns))
+                for key, value in stats.items():
+                    writer.add_scalar(f"train/{key}", value, self.learner.global_step)
+                bar.update(batch)
+                bar.set_postfix(
+                    ret=f"{stats.get('mean_return_100', float('nan')):.2f}",
+                    sps=f"{stats['steps_per_s']:.0f}",
+                    refresh=False,
+                )
+                last = stats
+                updates_since_ckpt += 1
+                if updates_since_ckpt >= cfg.checkpoint_every:
+                    path = self.checkpoint()
+                    updates_since_ckpt = 0
+                    bar.write(f"checkpoint {path}")
+        except KeyboardInterrupt:
+            bar.write("interrupted: writing a checkpoint before exit")
+            raise
+        finally:
+            if updates_since_ckpt:
+                path = self.checkpoint()
+                bar.write(f"checkpoint {path}")
+            bar.close()
+            writer.close()
+            self.sampler.close()
+        return last
+
+
+class InProcessSampler:
+    """Samples with a RolloutActor in this process (one machine, no Ray)."""
+
+    def __init__(self, config: TrainConfig):
+        from actors.rollout import RolloutActor, RolloutConfig
+
+        self.num_steps = config.ppo.num_steps
+        self.actor = RolloutActor(
+            RolloutConfig(
+                env=config.env,
+                policy=config.policy,
+                policy_options=config.policy_options,
+                seed=config.ppo.seed,
+            )
+        )
+        self.obs_shape = self.actor.obs_shape
+        self.n_actions = self.actor.n_actions
+
+    def start(self, weights, version: int) -> None:
+        self.actor.set_weights(version, weights)
+
+    def collect(self):
+        before = self.actor.timings()
+        rollout = self.actor.rollout(self.num_steps)
+        after = self.actor.timings()
+        return rollout, {
+            "env_s": after["env_seconds"] - before["env_seconds"],
+            "inference_s": after["inference_seconds"] - before["inference_seconds"],
+        }
+
+    def publish(self, weights, version: int) -> None:
+        self.actor.set_weights(version, weights)
+
+    def close(self) -> None:
+        self.actor.close()
+
+
+def make_sampler(config: TrainConfig):
+    if config.actors == 0:
+        if config.inference != "actor":
+            raise LoupeError("--inference central needs Ray actors (--actors N)")
+        return InProcessSampler(config)
+    from loupe.distributed import RaySampler
+
+    return RaySampler(config)
