@@ -65,11 +65,15 @@ class RolloutActor:
     def n_actions(self) -> int:
         return int(self.env.n_actions)
 
+    def spaces(self) -> tuple[tuple[int, ...], int]:
+        """(observation shape, number of actions), for callers that hold only a remote handle."""
+        return self.obs_shape, self.n_actions
+
     def set_weights(self, version: int, weights: dict[str, Any]) -> None:
         """Load weights (tensors or numpy arrays) tagged with a version number."""
         if version == self.version:
             return
-        state = {k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}
+        state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
         self.policy.load_state_dict(state)
         self.version = int(version)
 

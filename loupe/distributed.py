@@ -1,0 +1,194 @@
+"""Ray adapters: rollout actors made remote, weights through the object store, bounded policy lag.
+
+Two inference placements:
+- ``actor``: each RolloutActor runs the policy on its own CPU and returns whole trajectory batches.
+- ``central``: actors only step environments (``EnvStepper``); the learner's process batches the
+  observations of all actors through the policy on its device, SEED-RL style.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from loupe.errors import LoupeError
+
+log = logging.getLogger("loupe.distributed")
+
+#: restarts Ray grants a dead rollout actor before training gives up
+ACTOR_MAX_RESTARTS = 3
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` or start a local Ray; bounded, with a one-line error."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": True,
+        "configure_logging": False,
+    }
+    if address:
+        kwargs["address"] = address
+    elif num_cpus is not None:
+        kwargs["num_cpus"] = num_cpus
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoupeError(
+            f"cannot reach Ray at {address!r} ({first}); start one with `ray start --head` "
+            "or leave out --ray-address for a local Ray"
+        ) from None
+
+
+def check_cpus(needed: float) -> None:
+    import ray
+
+    available = ray.cluster_resources().get("CPU", 0.0)
+    if needed > available:
+        raise LoupeError(
+            f"{needed:g} CPUs needed for the rollout actors but the Ray cluster has {available:g}; "
+            "use fewer --actors or add nodes"
+        )
+
+
+def concat_rollouts(parts: list, envs_per_part: list[int]):
+    """Join per-actor rollouts along the env axis; episode env indices are offset to global ones."""
+    from learner.rollout import Rollout
+
+    if len(parts) == 1:
+        return parts[0]
+    offsets = np.cumsum([0, *envs_per_part[:-1]])
+    episodes = []
+    for part, off in zip(parts, offsets):
+        for ep in part.episodes:
+            episodes.append(dataclasses.replace(ep, env_index=int(ep.env_index + off)))
+    return Rollout(
+        obs=np.concatenate([p.obs for p in parts], axis=1),
+        actions=np.concatenate([p.actions for p in parts], axis=1),
+        logprobs=np.concatenate([p.logprobs for p in parts], axis=1),
+        values=np.concatenate([p.values for p in parts], axis=1),
+        rewards=np.concatenate([p.rewards for p in parts], axis=1),
+        dones=np.concatenate([p.dones for p in parts], axis=1),
+        last_obs=np.concatenate([p.last_obs for p in parts], axis=0),
+        last_value=np.concatenate([p.last_value for p in parts], axis=0),
+        level_seeds=np.concatenate([p.level_seeds for p in parts], axis=1),
+        policy_version=min(p.policy_version for p in parts),
+        episodes=episodes,
+    )
+
+
+def actor_env_config(env, index: int, envs_per_actor: int):
+    """The env config of actor ``index``: its share of the envs and its own seed."""
+    return dataclasses.replace(env, num_envs=envs_per_actor, seed=env.seed + 1000 * index)
+
+
+class RaySampler:
+    """Rollout actors on Ray with ``actor`` inference; keeps them at most ``max_policy_lag`` behind."""
+
+    def __init__(self, config):
+        import ray
+
+        from actors.rollout import RolloutActor, RolloutConfig
+
+        if config.inference == "central":
+            raise LoupeError("use CentralSampler for --inference central")
+        init_ray(config.ray_address)
+        check_cpus(config.actors)
+        self.config = config
+        self.num_steps = config.ppo.num_steps
+        self.lag = config.max_policy_lag
+        self.envs = [config.envs_per_actor] * config.actors
+        remote_cls = ray.remote(num_cpus=1, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=0)(
+            RolloutActor
+        )
+        self.actors = [
+            remote_cls.remote(
+                RolloutConfig(
+                    env=actor_env_config(config.env, i, config.envs_per_actor),
+                    policy=config.policy,
+                    policy_options=config.policy_options,
+                    seed=config.ppo.seed + 1000 * i,
+                    torch_threads=1,
+                )
+            )
+            for i in range(config.actors)
+        ]
+        self.obs_shape, self.n_actions = ray.get(self.actors[0].spaces.remote())
+        self.weights_ref = None
+        self.version = -1
+        self.pending: list | None = None
+        self.actor_failures = 0
+
+    def start(self, weights: dict[str, np.ndarray], version: int) -> None:
+        self.publish(weights, version)
+        if self.pending is None:
+            self._launch()
+
+    def publish(self, weights: dict[str, np.ndarray], version: int) -> None:
+        import ray
+
+        self.weights_ref = ray.put(weights)  # one copy per version in the object store
+        self.version = version
+        if self.lag == 0 and self.pending is None and version > 0:
+            self._launch()
+
+    def _launch(self) -> None:
+        self.pending = [self._launch_one(i) for i in range(len(self.actors))]
+
+    def _launch_one(self, i: int):
+        actor = self.actors[i]
+        actor.set_weights.remote(self.version, self.weights_ref)
+        return actor.rollout.remote(self.num_steps)
+
+    def collect(self):
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        assert self.pending is not None
+        t0 = time.perf_counter()
+        parts = []
+        for i, ref in enumerate(self.pending):
+            for attempt in range(ACTOR_MAX_RESTARTS + 1):
+                try:
+                    parts.append(ray.get(ref))
+                    break
+                except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
+                    self.actor_failures += 1
+                    log.warning(
+                        "rollout actor %d lost its batch (%s); relaunching (%d/%d)",
+                        i,
+                        type(exc).__name__,
+                        attempt + 1,
+                        ACTOR_MAX_RESTARTS,
+                    )
+                    if attempt == ACTOR_MAX_RESTARTS:
+                        raise LoupeError(
+                            f"rollout actor {i} died {ACTOR_MAX_RESTARTS + 1} times; the last "
+                            "checkpoint is kept: check the actor logs, then `loupe train --resume`"
+                        ) from None
+                    ref = self._launch_one(i)
+        self.pending = None
+        if self.lag >= 1:
+            self._launch()  # overlap: the next batch samples while the learner updates
+        rollout = concat_rollouts(parts, self.envs)
+        return rollout, {
+            "wait_s": time.perf_counter() - t0,
+            "actor_failures": float(self.actor_failures),
+        }
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
