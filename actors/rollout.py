@@ -146,3 +146,34 @@ class RolloutActor:
 
     def close(self) -> None:
         self.env.close()
+
+
+class EnvStepper:
+    """A vector env without a policy, for central inference: the caller sends actions, gets frames."""
+
+    def __init__(self, env_config: EnvConfig):
+        from actors import make_vec_env
+
+        self.env = make_vec_env(env_config)
+        self.obs = self.env.reset()
+        self.steps_done = 0
+
+    def spaces(self) -> tuple[tuple[int, ...], int]:
+        return tuple(self.env.obs_shape), int(self.env.n_actions)
+
+    def current(self) -> tuple[np.ndarray, np.ndarray]:
+        """(observations (N,C,H,W) uint8, level seeds (N,) int64; -1 where not known)."""
+        return self.obs, self._level_seeds()
+
+    def step(self, actions: np.ndarray):
+        """-> (next obs, reward, done, finished episodes, level seeds of the next obs)."""
+        self.obs, reward, done, episodes = self.env.step(np.asarray(actions))
+        self.steps_done += len(actions)
+        return self.obs, reward, done, episodes, self._level_seeds()
+
+    def _level_seeds(self) -> np.ndarray:
+        fn = getattr(self.env, "level_seeds", None)
+        return fn() if fn is not None else np.full(self.env.num_envs, -1, dtype=np.int64)
+
+    def close(self) -> None:
+        self.env.close()

@@ -192,3 +192,128 @@ class RaySampler:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
+
+
+class CentralSampler:
+    """Actors step environments; this process runs the policy on all their frames in one batch.
+
+    The behaviour policy is the learner's own network, so the policy lag is always 0.
+    """
+
+    def __init__(self, config):
+        import ray
+
+        from actors.rollout import EnvStepper
+
+        init_ray(config.ray_address)
+        check_cpus(config.actors)
+        self.config = config
+        self.num_steps = config.ppo.num_steps
+        self.envs = [config.envs_per_actor] * config.actors
+        remote_cls = ray.remote(num_cpus=1, max_restarts=0)(EnvStepper)
+        self.actors = [
+            remote_cls.remote(actor_env_config(config.env, i, config.envs_per_actor))
+            for i in range(config.actors)
+        ]
+        self.obs_shape, self.n_actions = ray.get(self.actors[0].spaces.remote())
+        self.policy = None
+        self.device = None
+        self.version = 0
+        self.current = None
+
+    def attach(self, policy, device) -> None:
+        """Use ``policy`` (on ``device``) for acting; called once the learner has built it."""
+        import torch
+
+        self.policy, self.device = policy, device
+        self.generator = torch.Generator(device="cpu").manual_seed(self.config.ppo.seed)
+
+    def start(self, weights, version: int) -> None:
+        import ray
+
+        self.version = version
+        parts = ray.get([a.current.remote() for a in self.actors])
+        self.current = (
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] for p in parts]),
+        )
+
+    def publish(self, weights, version: int) -> None:
+        self.version = version
+
+    def _act(self, obs: np.ndarray):
+        import torch
+
+        with torch.no_grad():
+            out = self.policy(torch.from_numpy(obs).to(self.device))
+            logp_all = torch.log_softmax(out.logits.float(), dim=-1).cpu()
+            actions = torch.multinomial(logp_all.exp(), 1, generator=self.generator).squeeze(1)
+            logp = logp_all.gather(1, actions[:, None]).squeeze(1)
+        return actions.numpy(), logp.numpy(), out.value.float().cpu().numpy()
+
+    def collect(self):
+        import ray
+
+        from learner.rollout import Rollout
+
+        if self.policy is None:
+            raise RuntimeError("CentralSampler.attach must be called before collect")
+        t_steps, n = self.num_steps, sum(self.envs)
+        obs_buf = np.empty((t_steps, n, *self.obs_shape), dtype=np.uint8)
+        act_buf = np.empty((t_steps, n), dtype=np.int64)
+        logp_buf = np.empty((t_steps, n), dtype=np.float32)
+        val_buf = np.empty((t_steps, n), dtype=np.float32)
+        rew_buf = np.empty((t_steps, n), dtype=np.float32)
+        done_buf = np.empty((t_steps, n), dtype=bool)
+        seed_buf = np.empty((t_steps, n), dtype=np.int64)
+        bounds = np.cumsum([0, *self.envs])
+        episodes = []
+        infer_s = wait_s = 0.0
+        obs, seeds = self.current
+        was_training = self.policy.training
+        self.policy.eval()
+        for t in range(t_steps):
+            t0 = time.perf_counter()
+            obs_buf[t], seed_buf[t] = obs, seeds
+            actions, logp, values = self._act(obs)
+            t1 = time.perf_counter()
+            refs = [
+                a.step.remote(actions[bounds[i] : bounds[i + 1]]) for i, a in enumerate(self.actors)
+            ]
+            parts = ray.get(refs)
+            t2 = time.perf_counter()
+            infer_s += t1 - t0
+            wait_s += t2 - t1
+            act_buf[t], logp_buf[t], val_buf[t] = actions, logp, values
+            rew_buf[t] = np.concatenate([p[1] for p in parts])
+            done_buf[t] = np.concatenate([p[2] for p in parts])
+            for i, p in enumerate(parts):
+                episodes.extend(
+                    dataclasses.replace(ep, env_index=int(ep.env_index + bounds[i])) for ep in p[3]
+                )
+            obs = np.concatenate([p[0] for p in parts])
+            seeds = np.concatenate([p[4] for p in parts])
+        self.current = (obs, seeds)
+        _, _, last_value = self._act(obs)
+        self.policy.train(was_training)
+        rollout = Rollout(
+            obs=obs_buf,
+            actions=act_buf,
+            logprobs=logp_buf,
+            values=val_buf,
+            rewards=rew_buf,
+            dones=done_buf,
+            last_obs=obs.copy(),
+            last_value=last_value.astype(np.float32),
+            level_seeds=seed_buf,
+            policy_version=self.version,
+            episodes=episodes,
+        )
+        return rollout, {"inference_s": infer_s, "wait_s": wait_s}
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []

@@ -121,6 +121,8 @@ class Trainer:
             config.policy, self.sampler.obs_shape, self.sampler.n_actions, **config.policy_options
         )
         self.learner = PPOLearner(self.policy, config.ppo, device=str(self.device))
+        if hasattr(self.sampler, "attach"):  # central inference acts with the learner's network
+            self.sampler.attach(self.policy, self.device)
         self.version = 0
         self.returns: deque[float] = deque(maxlen=100)
         self.bus = None
@@ -292,6 +294,6 @@ def make_sampler(config: TrainConfig):
         if config.inference != "actor":
             raise LoupeError("--inference central needs Ray actors (--actors N)")
         return InProcessSampler(config)
-    from loupe.distributed import RaySampler
+    from loupe.distributed import CentralSampler, RaySampler
 
-    return RaySampler(config)
+    return CentralSampler(config) if config.inference == "central" else RaySampler(config)
