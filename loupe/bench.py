@@ -1,0 +1,209 @@
+"""Benchmarks behind `loupe bench`: each returns a JSON-ready dict; all figures from one run.
+
+Throughput is measured after a warm-up, with the same thread settings the real job uses. Targets from
+the design (SPEC 3) are recorded next to the measurement so a reader sees the gap at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+BENCHMARKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+def benchmark(name: str):
+    def register(fn):
+        BENCHMARKS[name] = fn
+        return fn
+
+    return register
+
+
+def _timed(fn: Callable[[], Any], min_seconds: float, warmup: int = 1) -> tuple[float, int]:
+    """Run ``fn`` repeatedly for at least ``min_seconds`` -> (seconds, calls)."""
+    for _ in range(warmup):
+        fn()
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_seconds:
+            return elapsed, calls
+
+
+def env_sps(env_id: str, num_envs: int, seconds: float, **options) -> float:
+    from actors import EnvConfig, make_vec_env
+
+    env = make_vec_env(EnvConfig(env_id=env_id, num_envs=num_envs, seed=0, **options))
+    rng = np.random.default_rng(0)
+    env.reset()
+    actions = rng.integers(0, env.n_actions, size=(64, num_envs))
+    i = [0]
+
+    def step():
+        env.step(actions[i[0] % 64])
+        i[0] += 1
+
+    elapsed, calls = _timed(step, seconds, warmup=5)
+    env.close()
+    return calls * num_envs / elapsed
+
+
+def inference_sps(policy_name: str, obs_shape, n_actions: int, batch: int, seconds: float) -> float:
+    from attention import build_policy
+
+    policy = build_policy(policy_name, obs_shape, n_actions).eval()
+    obs = torch.randint(0, 255, (batch, *obs_shape), dtype=torch.uint8)
+
+    def forward():
+        with torch.no_grad():
+            out = policy(obs)
+            torch.multinomial(torch.softmax(out.logits, -1), 1)
+
+    elapsed, calls = _timed(forward, seconds, warmup=2)
+    return calls * batch / elapsed
+
+
+def _train_config(env_id, policy, num_envs, num_steps, total, run_dir, actors=0, **env_options):
+    from actors import EnvConfig
+    from learner import PPOConfig
+    from loupe.train import TrainConfig
+
+    preset = "procgen" if env_id.startswith("procgen:") else "atari-nikulin"
+    ppo = PPOConfig.preset(
+        preset,
+        num_envs=num_envs,
+        num_steps=num_steps,
+        num_minibatches=4,
+        update_epochs=1,
+        total_steps=total,
+    )
+    env = EnvConfig(env_id=env_id, num_envs=num_envs, seed=0, **env_options)
+    return TrainConfig(
+        env=env,
+        ppo=ppo,
+        run_dir=run_dir,
+        policy=policy,
+        preset=preset,
+        actors=actors,
+        announce=False,
+        checkpoint_every=10_000,
+        device="cpu",
+    )
+
+
+def train_sps(env_id: str, policy: str, num_envs: int, num_steps: int, updates: int, **opts):
+    """End-to-end PPO steps/s in-process, with the sampling/update split."""
+    from loupe.train import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        total = num_envs * num_steps * (updates + 1)
+        cfg = _train_config(env_id, policy, num_envs, num_steps, total, tmp, **opts)
+        trainer = Trainer(cfg, progress=False)
+        trainer.sampler.start(trainer.weights(), 0)
+        times = {"sample": 0.0, "update": 0.0}
+        for u in range(updates + 1):  # first update is warm-up
+            t0 = time.perf_counter()
+            rollout, _ = trainer.sampler.collect()
+            t1 = time.perf_counter()
+            trainer.learner.update(rollout)
+            trainer.sampler.publish(trainer.weights(), u + 1)
+            t2 = time.perf_counter()
+            if u:
+                times["sample"] += t1 - t0
+                times["update"] += t2 - t1
+        trainer.sampler.close()
+    steps = num_envs * num_steps * updates
+    return {
+        "steps_per_s": steps / (times["sample"] + times["update"]),
+        "sampling_steps_per_s": steps / times["sample"],
+        "update_steps_per_s": steps / times["update"],
+    }
+
+
+@benchmark("env")
+def bench_env(opts: dict[str, Any]) -> dict[str, Any]:
+    """Raw vector-env steps/s with random actions (no policy), CoinRun and Breakout."""
+    s = opts["seconds"]
+    return {
+        "procgen:coinrun": {"num_envs": 16, "steps_per_s": env_sps("procgen:coinrun", 16, s)},
+        "ALE/Breakout-v5": {"num_envs": 8, "steps_per_s": env_sps("ALE/Breakout-v5", 8, s)},
+    }
+
+
+@benchmark("train")
+def bench_train(opts: dict[str, Any]) -> dict[str, Any]:
+    """In-process PPO training steps/s next to raw env and inference-only rates, same run."""
+    s, updates = opts["seconds"], opts["updates"]
+    out = {}
+    for env_id, policy, n, obs_shape, n_actions in (
+        ("procgen:coinrun", "impala", 16, (3, 64, 64), 15),
+        ("ALE/Breakout-v5", "nature", 8, (4, 84, 84), 4),
+    ):
+        raw = env_sps(env_id, n, s)
+        infer = inference_sps(policy, obs_shape, n_actions, n, s)
+        train = train_sps(env_id, policy, n, 64, updates)
+        # the rate if env stepping, inference and the update ran back to back with no overhead
+        serial_limit = 1.0 / (1.0 / raw + 1.0 / infer + 1.0 / train["update_steps_per_s"])
+        out[env_id] = {
+            "policy": policy,
+            "num_envs": n,
+            "env_steps_per_s": raw,
+            "inference_steps_per_s": infer,
+            **{f"train_{k}": v for k, v in train.items()},
+            "serial_limit_steps_per_s": serial_limit,
+            "train_vs_serial_limit": train["steps_per_s"] / serial_limit,
+        }
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    import os
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+    }
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """Settings of one `loupe bench` run."""
+
+    #: benchmark names to run (empty: all)
+    only: tuple[str, ...] = ()
+    #: seconds each throughput measurement runs for
+    seconds: float = 3.0
+    #: timed PPO updates per training measurement (after one warm-up update)
+    updates: int = 3
+
+
+def run_benchmarks(config: BenchConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    from loupe.errors import LoupeError
+
+    names = list(config.only) or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise LoupeError(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}")
+    results: dict[str, Any] = {"machine": machine_info(), "config": dataclasses.asdict(config)}
+    opts = dataclasses.asdict(config)
+    for name in names:
+        echo(f"bench {name} ...")
+        t0 = time.perf_counter()
+        results[name] = BENCHMARKS[name](opts)
+        results[name]["bench_seconds"] = time.perf_counter() - t0
+    results["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return results

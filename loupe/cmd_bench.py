@@ -1,0 +1,31 @@
+"""`loupe bench`: run the benchmarks and write one JSON file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks, JSON out")
+    p.add_argument("--out", default="bench/results.json", help="JSON output file")
+    p.add_argument("--only", action="append", default=[], help="run only this benchmark")
+    p.add_argument("--seconds", type=float, default=3.0, help="seconds per throughput figure")
+    p.add_argument("--updates", type=int, default=3, help="timed PPO updates per measurement")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from loupe.bench import BenchConfig, run_benchmarks
+    from loupe.config import save_json
+
+    results = run_benchmarks(
+        BenchConfig(only=tuple(args.only), seconds=args.seconds, updates=args.updates)
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_json(out, results)
+    print(json.dumps(results, indent=2, sort_keys=True))
+    print(f"written to {out}")
+    return 0
