@@ -1,0 +1,19 @@
+"""Environments and actors: vector envs for ALE and procgen, rollout actors, level evaluators."""
+
+from actors.envs import (
+    EnvConfig,
+    EpisodeRecord,
+    list_env_families,
+    list_games,
+    make_vec_env,
+    parse_env_id,
+)
+
+__all__ = [
+    "EnvConfig",
+    "EpisodeRecord",
+    "list_env_families",
+    "list_games",
+    "make_vec_env",
+    "parse_env_id",
+]
