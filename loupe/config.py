@@ -24,6 +24,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     if not isinstance(data, dict):
         raise LoupeError(f"{where}: expected a JSON object, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    derived = {f.name for f in dataclasses.fields(cls) if not f.init}
+    data = {k: v for k, v in data.items() if k not in derived}  # recomputed by __post_init__
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise LoupeError(

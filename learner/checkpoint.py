@@ -1,0 +1,235 @@
+"""Checkpoints: safetensors weights + JSON metadata (sha256), optional training state. Never pickled.
+
+    checkpoints/ckpt-000000065536.safetensors     policy weights
+    checkpoints/ckpt-000000065536.state.safetensors  optimiser, RNG, counters (for --resume)
+    checkpoints/ckpt-000000065536.json            metadata, written last: its presence marks a
+                                                  complete checkpoint
+Files are written to a temporary name and renamed, so a crash never leaves a half file under a real
+name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from learner.ppo import TrainState
+from loupe.errors import LoupeError
+
+SCHEMA = 1
+_NAME = re.compile(r"ckpt-(\d{12})\.json$")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata=None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _atomic_json(data: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    policy,
+    meta: dict[str, Any],
+    train_state: TrainState | None = None,
+    keep_last: int = 5,
+    keep_every: int = 0,
+) -> Path:
+    """Write a checkpoint for ``meta['step']`` -> path of its JSON file. Applies retention."""
+    directory = checkpoint_dir(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    step = int(meta["step"])
+    stem = directory / f"ckpt-{step:012d}"
+    weights = stem.with_suffix(".safetensors")
+    _atomic_save(dict(policy.state_dict()), weights)
+    previous = list_checkpoints(run_dir)
+    record = {
+        **meta,
+        "schema": SCHEMA,
+        "step": step,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "policy": policy.spec,
+        "weights": weights.name,
+        "size": weights.stat().st_size,
+        "sha256": sha256_file(weights),
+        "index": (_read_json(previous[-1]).get("index", 0) + 1) if previous else 0,
+    }
+    if train_state is not None:
+        state_path = stem.with_suffix(".state.safetensors")
+        _atomic_save(train_state.tensors, state_path, {"loupe": json.dumps(train_state.meta)})
+        record["state"] = state_path.name
+        record["state_sha256"] = sha256_file(state_path)
+    json_path = stem.with_suffix(".json")
+    _atomic_json(record, json_path)
+    _apply_retention(run_dir, keep_last, keep_every)
+    return json_path
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint JSON files of a run, oldest first."""
+    directory = checkpoint_dir(run_dir)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if _NAME.search(p.name))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _apply_retention(run_dir, keep_last: int, keep_every: int) -> None:
+    found = list_checkpoints(run_dir)
+    if keep_last <= 0 or len(found) <= keep_last:
+        return
+    for path in found[:-keep_last]:
+        index = _read_json(path).get("index", 0)
+        if keep_every and index % keep_every == 0:
+            continue
+        for suffix in (".safetensors", ".state.safetensors"):
+            path.with_suffix(suffix).unlink(missing_ok=True)
+        path.unlink()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise LoupeError(f"{path}: no such checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LoupeError(f"{path}: checkpoint metadata is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise LoupeError(f"{path}: checkpoint metadata is not a JSON object")
+    return data
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint given as .json, .safetensors or .state.safetensors -> its JSON path."""
+    path = Path(path)
+    name = path.name
+    for suffix in (".state.safetensors", ".safetensors"):
+        if name.endswith(suffix):
+            return path.with_name(name[: -len(suffix)] + ".json")
+    return path
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """Checkpoint metadata, schema-checked (the weights are not read)."""
+    json_path = resolve(path)
+    meta = _read_json(json_path)
+    if meta.get("schema") != SCHEMA:
+        raise LoupeError(
+            f"{json_path}: unknown checkpoint schema {meta.get('schema')!r} (this loupe reads "
+            f"schema {SCHEMA}); upgrade loupe or re-export the checkpoint"
+        )
+    for key in ("step", "policy", "weights", "sha256", "size"):
+        if key not in meta:
+            raise LoupeError(f"{json_path}: checkpoint metadata lacks {key!r}")
+    return meta
+
+
+def verify_file(path: Path, size: int | None, sha256: str) -> None:
+    if not path.is_file():
+        raise LoupeError(f"{path}: missing checkpoint file; the checkpoint is incomplete")
+    actual_size = path.stat().st_size
+    if size is not None and actual_size != size:
+        raise LoupeError(
+            f"{path}: truncated or altered checkpoint ({actual_size} bytes, expected {size}); "
+            "use an earlier checkpoint"
+        )
+    if sha256_file(path) != sha256:
+        raise LoupeError(
+            f"{path}: sha256 does not match the checkpoint metadata; the file is corrupt or was "
+            "replaced, use an earlier checkpoint"
+        )
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu"):
+    """-> (policy, meta). Verifies size and sha256 before reading the weights."""
+    from attention import build_policy
+
+    json_path = resolve(path)
+    meta = read_meta(json_path)
+    weights = json_path.with_name(meta["weights"])
+    verify_file(weights, meta["size"], meta["sha256"])
+    spec = meta["policy"]
+    try:
+        policy = build_policy(
+            spec["name"],
+            tuple(spec["obs_shape"]),
+            int(spec["n_actions"]),
+            **spec.get("options", {}),
+        )
+    except (KeyError, TypeError) as exc:
+        raise LoupeError(f"{json_path}: malformed policy spec ({exc})") from None
+    try:
+        state = load_file(str(weights), device=device)
+    except SafetensorError as exc:
+        raise LoupeError(f"{weights}: not a readable safetensors file ({exc})") from None
+    missing, unexpected = _mismatch(policy, state)
+    if missing or unexpected:
+        raise LoupeError(
+            f"{weights}: weights do not fit policy {spec['name']} (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+    try:
+        policy.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise LoupeError(f"{weights}: weights do not fit policy {spec['name']} ({first})") from None
+    return policy.to(device), meta
+
+
+def _mismatch(policy, state) -> tuple[list[str], list[str]]:
+    expected = set(policy.state_dict())
+    return sorted(expected - set(state)), sorted(set(state) - expected)
+
+
+def load_train_state(path: str | Path) -> TrainState:
+    """The optimiser/RNG/counter state saved next to a checkpoint, verified."""
+    json_path = resolve(path)
+    meta = read_meta(json_path)
+    if "state" not in meta:
+        raise LoupeError(f"{json_path}: this checkpoint has no training state; it cannot resume")
+    state_path = json_path.with_name(meta["state"])
+    verify_file(state_path, None, meta["state_sha256"])
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(state_path), framework="pt") as f:
+            info = json.loads(f.metadata()["loupe"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, KeyError, json.JSONDecodeError) as exc:
+        raise LoupeError(f"{state_path}: unreadable training state ({exc})") from None
+    return TrainState(tensors, info)
