@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -111,12 +112,18 @@ def build_train_config(args: argparse.Namespace):
     if num_envs is not None:
         overrides["num_envs"] = num_envs
     ppo = PPOConfig.preset(preset, **overrides)
-    env = EnvConfig(
-        env_id=args.env,
-        num_envs=ppo.num_envs,
-        seed=ppo.seed,
-        **parse_options(args.env_option, "--env-option"),
-    )
+    env_options = parse_options(args.env_option, "--env-option")
+    valid = {f.name for f in dataclasses.fields(EnvConfig) if f.init} - {
+        "env_id",
+        "num_envs",
+        "seed",
+    }
+    unknown = sorted(set(env_options) - valid)
+    if unknown:
+        raise LoupeError(
+            f"unknown --env-option {', '.join(unknown)}; valid options: {', '.join(sorted(valid))}"
+        )
+    env = EnvConfig(env_id=args.env, num_envs=ppo.num_envs, seed=ppo.seed, **env_options)
     extra: dict[str, Any] = {}
     for key in (
         "checkpoint_every",
@@ -149,6 +156,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = RunDir(args.resume)
         run.require_run()
         config = TrainConfig.load(run.config_path)
+        config.run_dir = str(run.path)  # the directory may have been moved or copied
         if args.total_steps is not None:
             if args.total_steps <= 0:
                 raise LoupeError(f"--total-steps must be positive, got {args.total_steps}")

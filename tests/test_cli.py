@@ -1,0 +1,151 @@
+"""The `loupe` command end to end: tiny real training runs and every bad input the user can give."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = [
+    "--env", "procgen:coinrun", "--policy", "nature", "--num-envs", "2", "--num-steps", "16",
+    "--minibatches", "2", "--epochs", "1", "--checkpoint-every", "1", "--no-progress",
+    "--no-announce",
+]  # fmt: skip
+
+
+def loupe(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, "-m", "loupe.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("loupe: error:")]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    proc = loupe("train", *TINY, "--total-steps", "64", "--run-dir", str(run))
+    assert proc.returncode == 0, proc.stderr
+    return run
+
+
+@pytest.mark.integration
+def test_train_writes_config_checkpoints_and_tensorboard(trained_run: Path):
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["env"]["env_id"] == "procgen:coinrun"
+    assert config["policy"] == "nature" and config["ppo"]["total_steps"] == 64
+    metas = sorted((trained_run / "checkpoints").glob("ckpt-*[0-9].json"))
+    assert metas, "no checkpoint written"
+    last = json.loads(metas[-1].read_text())
+    assert last["step"] == 64 and len(last["sha256"]) == 64
+    assert list((trained_run / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.integration
+def test_resume_continues_the_step_counter(trained_run: Path, tmp_path: Path):
+    import shutil
+
+    run = tmp_path / "resumed"
+    shutil.copytree(trained_run, run)
+    proc = loupe("train", "--resume", str(run), "--total-steps", "96", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    steps = sorted(
+        json.loads(p.read_text())["step"] for p in (run / "checkpoints").glob("ckpt-*[0-9].json")
+    )
+    assert steps[-1] == 96 and 64 in steps
+
+
+@pytest.mark.integration
+def test_run_dir_holding_a_run_is_refused_and_untouched(trained_run: Path):
+    before = snapshot(trained_run)
+    proc = loupe("train", *TINY, "--total-steps", "32", "--run-dir", str(trained_run))
+    assert_one_line_error(proc, "already holds a run", "--resume")
+    assert snapshot(trained_run) == before
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--env", "procgen:nosuchgame"], ["nosuchgame"]),
+        (["--env", "Atari/Breakout"], ["Atari/Breakout"]),
+        (["--policy", "resnet9000"], ["resnet9000", "impala"]),
+        (["--total-steps", "0"], ["--total-steps"]),
+        (["--num-envs", "-1"], ["--num-envs"]),
+        (["--preset", "mujoco"], ["mujoco", "procgen"]),
+        (["--env-option", "num_levelz=3"], ["num_levelz"]),
+    ],
+)
+def test_bad_train_input_gives_one_line(tmp_path: Path, args, needles):
+    base = {"--env": "procgen:coinrun", "--policy": "nature", "--total-steps": "32"}
+    flags = dict(base)
+    extra = []
+    it = iter(args)
+    for flag in it:
+        if flag in base:
+            flags[flag] = next(it)
+        else:
+            extra += [flag, next(it)]
+    argv = [x for kv in flags.items() for x in kv] + extra
+    run = tmp_path / "run"
+    proc = loupe("train", *argv, "--run-dir", str(run), "--no-progress", "--no-announce")
+    assert_one_line_error(proc, *needles)
+    assert not run.exists(), "a refused run must leave nothing behind"
+
+
+@pytest.mark.integration
+def test_resume_from_truncated_checkpoint_is_refused(trained_run: Path, tmp_path: Path):
+    import shutil
+
+    run = tmp_path / "broken"
+    shutil.copytree(trained_run, run)
+    weights = sorted((run / "checkpoints").glob("ckpt-*[0-9].safetensors"))[-1]
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    before = snapshot(run)
+    proc = loupe("train", "--resume", str(run), "--total-steps", "96", "--no-progress")
+    assert_one_line_error(proc, weights.name)
+    assert snapshot(run) == before
+
+
+@pytest.mark.integration
+def test_resume_of_a_directory_without_a_run(tmp_path: Path):
+    proc = loupe("train", "--resume", str(tmp_path / "nothing"), "--no-progress")
+    assert_one_line_error(proc, "holds no loupe run")
+
+
+@pytest.mark.unit
+def test_parse_options_types_and_errors():
+    from loupe.cli import parse_options
+    from loupe.errors import LoupeError
+
+    assert parse_options(["a=1", "b=0.5", "c=true", "d=easy", "e-f=none"], "--x") == {
+        "a": 1,
+        "b": 0.5,
+        "c": True,
+        "d": "easy",
+        "e_f": None,
+    }
+    with pytest.raises(LoupeError, match="KEY=VALUE"):
+        parse_options(["novalue"], "--x")
