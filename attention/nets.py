@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,8 +23,8 @@ class NatureCNN(Policy):
 
     name = "nature"
 
-    def __init__(self, obs_shape, n_actions: int, **options: Any):
-        super().__init__(obs_shape, n_actions, options)
+    def __init__(self, obs_shape, n_actions: int):
+        super().__init__(obs_shape, n_actions, {})
         c, h, w = self.obs_shape
         h1, w1 = conv_out(h, 8, 4), conv_out(w, 8, 4)
         h2, w2 = conv_out(h1, 4, 2), conv_out(w1, 4, 2)
@@ -83,8 +81,8 @@ class ImpalaCNN(Policy):
 
     name = "impala"
 
-    def __init__(self, obs_shape, n_actions: int, depths=(16, 32, 32), **options: Any):
-        super().__init__(obs_shape, n_actions, {"depths": list(depths), **options})
+    def __init__(self, obs_shape, n_actions: int, depths=(16, 32, 32)):
+        super().__init__(obs_shape, n_actions, {"depths": list(depths)})
         c, h, w = self.obs_shape
         stages = []
         for depth in depths:
@@ -114,8 +112,8 @@ class InterpretableCNN(Policy):
 
     name = "interpretable"
 
-    def __init__(self, obs_shape, n_actions: int, **options: Any):
-        super().__init__(obs_shape, n_actions, options)
+    def __init__(self, obs_shape, n_actions: int):
+        super().__init__(obs_shape, n_actions, {})
         c, h, w = self.obs_shape
         for _ in range(4):
             h, w = h // 2, w // 2

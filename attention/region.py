@@ -9,8 +9,6 @@ g = h * attn.sum(maps)                      # layer "attn_out"
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,10 +46,10 @@ class RegionAttention(nn.Module):
 class RegionPolicy(Policy):
     name = "region"
 
-    def __init__(self, obs_shape, n_actions: int, attention: str = "softmax", **options: Any):
+    def __init__(self, obs_shape, n_actions: int, attention: str = "softmax"):
         if attention not in ("softmax", "sigmoid"):
             raise LoupeError(f"region: attention must be 'softmax' or 'sigmoid', not {attention!r}")
-        super().__init__(obs_shape, n_actions, {"attention": attention, **options})
+        super().__init__(obs_shape, n_actions, {"attention": attention})
         c, h, w = self.obs_shape
         h3 = conv_out(conv_out(conv_out(h, 8, 4), 4, 2), 3, 1)
         w3 = conv_out(conv_out(conv_out(w, 8, 4), 4, 2), 3, 1)

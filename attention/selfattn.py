@@ -11,7 +11,6 @@ Block: q, k, v = 1x1 convs with bias; out = attention(q, k, v) + h (residual, no
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,15 +90,14 @@ class SunPolicy(Policy):
 
     name = "sun-na"
 
-    def __init__(self, obs_shape, n_actions: int, variant: str = "na", cwrca_scale: str = "C",
-                 **options: Any):  # fmt: skip
+    def __init__(self, obs_shape, n_actions: int, variant: str = "na", cwrca_scale: str = "C"):
         if variant not in ("na", *VARIANTS):
             raise LoupeError(f"sun: unknown attention variant {variant!r}")
         if cwrca_scale not in ("C", "W"):
             raise LoupeError(f"sun: cwrca_scale must be 'C' or 'W', not {cwrca_scale!r}")
         self.name = f"sun-{variant}"
         opts = {"cwrca_scale": cwrca_scale} if variant == "cwrca" else {}
-        super().__init__(obs_shape, n_actions, {**opts, **options})
+        super().__init__(obs_shape, n_actions, opts)
         c, h, w = self.obs_shape
         h1, w1 = conv_out(h, 8, 4), conv_out(w, 8, 4)
         h2, w2 = conv_out(h1, 4, 2), conv_out(w1, 4, 2)
