@@ -182,6 +182,29 @@ class Trainer:
             )
         )
 
+    # -- the bus -------------------------------------------------------------------------------
+    def open_bus(self) -> None:
+        """Connect to --redis, or start the run's private server, so checkpoints are announced."""
+        from loupe.bus import CheckpointBus, connect
+        from loupe.redis_server import RedisServer
+
+        if not self.config.announce or self.bus is not None:
+            return
+        url = self.config.redis
+        if url is None:
+            self.redis_server = RedisServer(self.run.redis).start()
+            url = self.redis_server.url
+            log.info("private redis-server on %s:%d", self.redis_server.host, self.redis_server.port)
+        self.bus = CheckpointBus(connect(url), self.config.run_id)
+
+    def close_bus(self) -> None:
+        if self.bus is not None:
+            self.bus.client.close()
+            self.bus = None
+        if self.redis_server is not None:
+            self.redis_server.stop()
+            self.redis_server = None
+
     # -- main loop ---------------------------------------------------------------------------
     def weights(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy() for k, v in self.policy.state_dict().items()}
@@ -192,6 +215,7 @@ class Trainer:
 
         cfg = self.config
         total = cfg.ppo.total_steps
+        self.open_bus()
         writer = SummaryWriter(str(self.run.tb))
         bar = tqdm(
             total=total,
@@ -249,6 +273,7 @@ class Trainer:
             bar.close()
             writer.close()
             self.sampler.close()
+            self.close_bus()
         return last
 
 

@@ -211,3 +211,47 @@ def test_presets_and_bad_values():
         PPOConfig(num_envs=3, num_steps=5, num_minibatches=4)
     with pytest.raises(LoupeError, match="total_steps"):
         PPOConfig(total_steps=0)
+
+
+@pytest.mark.unit
+def test_ppo_learns_a_contextual_bandit():
+    """Reward 1 for action (image brightness > 0.5), else 0: the policy must learn the rule."""
+    torch.manual_seed(0)
+    policy = build_policy("sun-na", (4, 84, 84), 2)
+    cfg = PPOConfig(num_envs=16, num_steps=4, num_minibatches=2, update_epochs=4, lr=1e-4,
+                    anneal_lr=False, ent_coef=0.01, gamma=0.9, total_steps=10**6)  # fmt: skip
+    learner = PPOLearner(policy, cfg)
+    rng = np.random.default_rng(0)
+
+    def frames(n):
+        bright = rng.random(n) < 0.5
+        obs = np.where(bright[:, None, None, None], 200, 30).astype(np.uint8)
+        return np.broadcast_to(obs, (n, 4, 84, 84)).copy(), bright.astype(np.int64)
+
+    def correct_rate():
+        obs, target = frames(256)
+        with torch.no_grad():
+            p = torch.softmax(policy(torch.from_numpy(obs)).logits, -1).numpy()
+        return float(p[np.arange(256), target].mean())
+
+    before = correct_rate()
+    for _ in range(80):
+        obs, target = frames(64)
+        with torch.no_grad():
+            out = policy(torch.from_numpy(obs))
+            logp_all = torch.log_softmax(out.logits, -1)
+        actions = torch.multinomial(logp_all.exp(), 1).squeeze(1).numpy()
+        rollout = Rollout(
+            obs=obs.reshape(4, 16, 4, 84, 84),
+            actions=actions.reshape(4, 16),
+            logprobs=logp_all[np.arange(64), actions].numpy().reshape(4, 16),
+            values=out.value.numpy().reshape(4, 16),
+            rewards=(actions == target).astype(np.float32).reshape(4, 16),
+            dones=np.ones((4, 16), bool),  # one-step episodes
+            last_obs=obs[:16],
+            last_value=np.zeros(16, np.float32),
+            level_seeds=np.full((4, 16), -1),
+        )
+        learner.update(rollout)
+    after = correct_rate()
+    assert before < 0.6 and after > 0.75, (before, after)
