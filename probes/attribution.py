@@ -1,0 +1,164 @@
+"""Integrated gradients on a hidden layer (Hilton et al., Appendix B), all targets in one pass.
+
+Split V(x) = F(A(x)) at ``layer``. With a = A(x) and the zero-activation baseline,
+    attr = a * (1/n) * sum_{alpha in {1/n, ..., 1}} grad_a F(alpha a)      (right Riemann sum)
+and sum(attr) ~ F(a) - F(0); the difference is reported as ``delta``. Targets are the value, policy
+logits (never the softmax) and action groups (sums of logits). Every target is a linear read-out of
+the head's output vector [value, logit_0, ..., logit_{A-1}], so one forward pass over the n scaled
+copies and one batched backward give all of them.
+
+    ig = IntegratedGradients(policy, "2b", n_steps=10)
+    res = ig.attribute(obs, targets="all")      # res.attributions: (K, N, *layer_shape)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from loupe.errors import LoupeError
+
+TargetSpec = str | tuple[str, Sequence[int]]
+
+
+@dataclasses.dataclass
+class Attribution:
+    """IG result for K targets and N observations."""
+
+    targets: list[str]  # K names: "value", "logit:3", "group:jump"
+    attributions: torch.Tensor  # (K, N, *layer_shape)
+    activation: torch.Tensor  # (N, *layer_shape), a = A(x)
+    delta: torch.Tensor  # (K, N): sum(attr) - (F(a) - F(0))
+    layer: str
+
+    def __getitem__(self, target: str) -> torch.Tensor:
+        return self.attributions[self.targets.index(target)]
+
+
+def check_obs(policy, obs: torch.Tensor) -> torch.Tensor:
+    """Observations as the policy takes them, or a LoupeError that says what is wrong."""
+    if not isinstance(obs, torch.Tensor):
+        raise LoupeError(f"observations must be a torch tensor, got {type(obs).__name__}")
+    if obs.dim() != 4 or tuple(obs.shape[1:]) != tuple(policy.obs_shape):
+        raise LoupeError(
+            f"observations must be (N, {', '.join(map(str, policy.obs_shape))}), got "
+            f"{tuple(obs.shape)}"
+        )
+    if obs.dtype != torch.uint8 and not obs.dtype.is_floating_point:
+        raise LoupeError(f"observations must be uint8 or float, got {obs.dtype}")
+    return obs
+
+
+def target_matrix(targets, n_actions: int) -> tuple[list[str], torch.Tensor]:
+    """Target specs -> (names, W) with W (K, 1 + A) over [value, logits]."""
+    if targets == "all":
+        targets = ["value", *[f"logit:{i}" for i in range(n_actions)]]
+    if isinstance(targets, (str, tuple)):
+        targets = [targets]
+    names, rows = [], []
+    for spec in targets:
+        row = torch.zeros(1 + n_actions, dtype=torch.float64)
+        if spec == "value":
+            row[0] = 1.0
+            names.append("value")
+        elif isinstance(spec, str) and spec.startswith("logit:"):
+            i = _action(spec.split(":", 1)[1], n_actions)
+            row[1 + i] = 1.0
+            names.append(f"logit:{i}")
+        elif isinstance(spec, tuple) and len(spec) == 2:
+            label, actions = spec
+            for a in actions:
+                row[1 + _action(a, n_actions)] = 1.0
+            names.append(f"group:{label}")
+        else:
+            raise LoupeError(
+                f"unknown target {spec!r}; use 'value', 'logit:I', ('name', [actions]) or 'all'"
+            )
+        rows.append(row)
+    if not rows:
+        raise LoupeError("no targets given")
+    return names, torch.stack(rows)
+
+
+def _action(value: Any, n_actions: int) -> int:
+    try:
+        i = int(value)
+    except (TypeError, ValueError):
+        raise LoupeError(f"target action {value!r} is not an integer") from None
+    if not 0 <= i < n_actions:
+        raise LoupeError(f"target action {i} out of range: the policy has {n_actions} actions")
+    return i
+
+
+def head_outputs(policy, layer: str, activation: torch.Tensor, weights: torch.Tensor):
+    """F at ``layer`` read out through target rows ``weights`` (K, 1+A) -> (M, K)."""
+    logits, value = policy.forward_from(layer, activation)
+    out = torch.cat([value[:, None], logits], dim=1)
+    return out @ weights.to(out.dtype).T
+
+
+class IntegratedGradients:
+    """Hidden-layer integrated gradients with a zero-activation baseline."""
+
+    def __init__(self, policy, layer: str, n_steps: int = 10, chunk_size: int | None = None):
+        if layer != "input" and layer not in policy.layer_names:
+            raise LoupeError(
+                f"{policy.spec['name']} has no layer {layer!r}; valid layers: input, "
+                f"{', '.join(policy.layer_names)}"
+            )
+        if n_steps <= 0:
+            raise LoupeError(f"n_steps must be positive, got {n_steps}")
+        self.policy = policy
+        self.layer = layer
+        self.n_steps = n_steps
+        self.chunk_size = chunk_size or n_steps
+
+    def attribute(self, obs: torch.Tensor, targets="all") -> Attribution:
+        policy = self.policy
+        obs = check_obs(policy, obs)
+        names, weights = target_matrix(targets, policy.n_actions)
+        if self.layer == "input":
+            return self._input_gradient(obs, names, weights)
+        with torch.no_grad():
+            a = policy.forward_to(obs, self.layer)  # (N, *s)
+        n, k = self.n_steps, len(names)
+        grad_sum = torch.zeros((k, *a.shape), dtype=a.dtype)
+        for start in range(0, n, self.chunk_size):
+            alphas = torch.arange(start + 1, min(start + self.chunk_size, n) + 1, dtype=a.dtype) / n
+            scaled = (alphas.view(-1, *[1] * a.dim()) * a).reshape(-1, *a.shape[1:])
+            scaled.requires_grad_(True)  # (c*N, *s)
+            y = head_outputs(policy, self.layer, scaled, weights)  # (c*N, K)
+            grads = batched_grads(y, scaled)  # (K, c*N, *s)
+            grad_sum += grads.reshape(k, len(alphas), *a.shape).sum(1)
+        attr = a.unsqueeze(0) * grad_sum / n  # (K, N, *s)
+        with torch.no_grad():
+            f_a = head_outputs(policy, self.layer, a, weights)  # (N, K)
+            f_0 = head_outputs(policy, self.layer, torch.zeros_like(a), weights)
+        delta = attr.flatten(2).sum(-1) - (f_a - f_0).T
+        return Attribution(names, attr.detach(), a, delta.detach(), self.layer)
+
+    def _input_gradient(self, obs, names, weights) -> Attribution:
+        x = obs.float() / 255.0 if obs.dtype == torch.uint8 else obs.clone()
+        x.requires_grad_(True)
+        out = self.policy(x)
+        y = torch.cat([out.value[:, None], out.logits], 1) @ weights.to(x.dtype).T
+        grads = batched_grads(y, x)
+        nan = torch.full((len(names), x.shape[0]), float("nan"))
+        return Attribution(names, grads.detach(), x.detach(), nan, "input")
+
+
+def batched_grads(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Gradients of every column of y (M, K) w.r.t. x (M, ...) in one batched backward -> (K, M, ...)."""
+    k = y.shape[1]
+    eye = torch.eye(k, dtype=y.dtype)[:, None, :].expand(k, y.shape[0], k)
+    try:
+        (grads,) = torch.autograd.grad(y, x, grad_outputs=eye, is_grads_batched=True)
+    except RuntimeError:
+        # some ops have no batching rule for their backward: one backward per target instead
+        grads = torch.stack(
+            [torch.autograd.grad(y[:, i].sum(), x, retain_graph=i < k - 1)[0] for i in range(k)]
+        )
+    return grads

@@ -1,0 +1,158 @@
+"""Hidden-layer integrated gradients against Captum, closed forms and completeness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from attention import build_policy, list_policies
+from loupe.errors import LoupeError
+from probes.attribution import IntegratedGradients, target_matrix
+
+SHAPES = {"impala": (3, 64, 64), "interpretable": (3, 64, 64)}
+LAYERS = {
+    "nature": "c2", "impala": "s2", "interpretable": "2b", "region": "c3n",
+    "sun-na": "c1", "sun-swa": "block", "sun-cwra": "block", "sun-cwca": "block",
+    "sun-cwrca": "block",
+}  # fmt: skip
+
+
+def captum_ig(policy, layer, a, weights, k, n_steps=10):
+    from captum.attr import IntegratedGradients as CaptumIG
+
+    def head(act):
+        logits, value = policy.forward_from(layer, act)
+        return torch.cat([value[:, None], logits], 1) @ weights.to(act.dtype).T
+
+    return CaptumIG(head).attribute(
+        a, baselines=0.0, target=k, n_steps=n_steps, method="riemann_right"
+    )
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", list_policies())
+def test_matches_captum_on_every_policy(name):
+    torch.manual_seed(0)
+    shape = SHAPES.get(name, (4, 84, 84))
+    policy = build_policy(name, shape, 5).double()
+    obs = torch.rand(3, *shape, dtype=torch.float64)
+    layer = LAYERS[name]
+    targets = ["value", "logit:0", "logit:4", ("jump", [1, 2])]
+    res = IntegratedGradients(policy, layer).attribute(obs, targets)
+    names, weights = target_matrix(targets, 5)
+    assert res.targets == ["value", "logit:0", "logit:4", "group:jump"] == names
+    a = policy.forward_to(obs, layer).detach()
+    for k in range(len(names)):
+        ref = captum_ig(policy, layer, a, weights, k)
+        torch.testing.assert_close(res.attributions[k], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_chunking_gives_the_same_result():
+    torch.manual_seed(1)
+    policy = build_policy("region", (4, 84, 84), 4).double()
+    obs = torch.rand(2, 4, 84, 84, dtype=torch.float64)
+    full = IntegratedGradients(policy, "c3n", n_steps=12).attribute(obs)
+    chunked = IntegratedGradients(policy, "c3n", n_steps=12, chunk_size=5).attribute(obs)
+    torch.testing.assert_close(full.attributions, chunked.attributions)
+
+
+class LinearHead(nn.Module):
+    """A toy 'policy' whose head is linear in the layer: attr = a * w exactly, delta = 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.obs_shape, self.n_actions = (1, 2, 2), 2
+        self.layer_names = ("h",)
+        self.w = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.0, 1.0, 1.0, -1.0], [2.0, 2.0, 2.0, 2.0]])
+        self.spec = {"name": "toy"}
+
+    def forward_to(self, obs, layer):
+        return obs.flatten(1) * 2.0
+
+    def forward_from(self, layer, a):
+        out = a @ self.w.T + torch.tensor([0.5, 0.1, -0.3])
+        return out[:, 1:], out[:, 0]
+
+
+@pytest.mark.unit
+def test_linear_head_closed_form():
+    toy = LinearHead()
+    obs = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    res = IntegratedGradients(toy, "h", n_steps=3).attribute(obs, "all")
+    a = obs.flatten(1) * 2
+    torch.testing.assert_close(res["value"], a * toy.w[0])
+    torch.testing.assert_close(res["logit:1"], a * toy.w[2])
+    torch.testing.assert_close(res.delta, torch.zeros(3, 1), atol=1e-6, rtol=0)
+
+
+class QuadraticHead(LinearHead):
+    """F(a) = sum(a^2): IG with n steps gives a^2 (n+1)/n, so delta = sum(a^2)/n."""
+
+    def forward_from(self, layer, a):
+        v = (a**2).sum(1)
+        return torch.stack([v, v], 1), v
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("n", [1, 10, 100])
+def test_quadratic_head_riemann_error_is_reported(n):
+    toy = QuadraticHead()
+    obs = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], dtype=torch.float64)
+    res = IntegratedGradients(toy, "h", n_steps=n).attribute(obs, ["value"])
+    a = obs.flatten(1) * 2
+    torch.testing.assert_close(res["value"], a**2 * (n + 1) / n)
+    torch.testing.assert_close(res.delta[0], (a**2).sum(1) / n)
+
+
+@pytest.mark.unit
+def test_completeness_on_a_real_policy():
+    torch.manual_seed(2)
+    policy = build_policy("interpretable", (3, 64, 64), 15).double()
+    obs = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    coarse = IntegratedGradients(policy, "2b", n_steps=10).attribute(obs, ["value"])
+    fine = IntegratedGradients(policy, "2b", n_steps=200).attribute(obs, ["value"])
+    assert fine.delta.abs().max() < coarse.delta.abs().max() + 1e-12
+    assert fine.delta.abs().max() < 1e-3
+
+
+@pytest.mark.unit
+def test_input_layer_is_the_plain_gradient():
+    torch.manual_seed(3)
+    policy = build_policy("nature", (4, 84, 84), 4)
+    obs = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
+    res = IntegratedGradients(policy, "input").attribute(obs, ["logit:2"])
+    x = (obs.float() / 255).requires_grad_(True)
+    policy(x).logits[:, 2].sum().backward()
+    torch.testing.assert_close(res.attributions[0], x.grad)
+
+
+@pytest.mark.unit
+def test_no_hooks_or_grad_state_left_behind_even_after_an_error():
+    policy = build_policy("region", (4, 84, 84), 4)
+    obs = torch.randint(0, 256, (1, 4, 84, 84), dtype=torch.uint8)
+    ig = IntegratedGradients(policy, "c3n")
+    ig.attribute(obs)
+    with pytest.raises(LoupeError):
+        ig.attribute(obs, ["logit:9"])
+    for m in policy.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+    assert all(p.grad is None for p in policy.parameters())
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.unit
+def test_bad_input():
+    policy = build_policy("nature", (4, 84, 84), 4)
+    with pytest.raises(LoupeError, match="valid layers: input, c1, c2, c3, fc"):
+        IntegratedGradients(policy, "conv9")
+    ig = IntegratedGradients(policy, "c2")
+    with pytest.raises(LoupeError, match="out of range"):
+        ig.attribute(torch.zeros(1, 4, 84, 84), ["logit:4"])
+    with pytest.raises(LoupeError, match=r"\(N, 4, 84, 84\)"):
+        ig.attribute(torch.zeros(1, 3, 64, 64), "all")
+    with pytest.raises(LoupeError, match="uint8 or float"):
+        ig.attribute(torch.zeros(1, 4, 84, 84, dtype=torch.int64), "all")
+    with pytest.raises(LoupeError, match="unknown target"):
+        ig.attribute(torch.zeros(1, 4, 84, 84), ["softmax:1"])
