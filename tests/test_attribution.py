@@ -8,7 +8,7 @@ from torch import nn
 
 from attention import build_policy, list_policies
 from loupe.errors import LoupeError
-from probes.attribution import IntegratedGradients, target_matrix
+from probes.attribution import IntegratedGradients, benchmark_ig_vs_captum, target_matrix
 
 SHAPES = {"impala": (3, 64, 64), "interpretable": (3, 64, 64)}
 LAYERS = {
@@ -36,7 +36,7 @@ def test_matches_captum_on_every_policy(name):
     torch.manual_seed(0)
     shape = SHAPES.get(name, (4, 84, 84))
     policy = build_policy(name, shape, 5).double()
-    obs = torch.rand(3, *shape, dtype=torch.float64)
+    obs = torch.rand(2, *shape, dtype=torch.float64)
     layer = LAYERS[name]
     targets = ["value", "logit:0", "logit:4", ("jump", [1, 2])]
     res = IntegratedGradients(policy, layer).attribute(obs, targets)
@@ -110,9 +110,9 @@ def test_quadratic_head_riemann_error_is_reported(n):
 def test_completeness_on_a_real_policy():
     torch.manual_seed(2)
     policy = build_policy("interpretable", (3, 64, 64), 15).double()
-    obs = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    obs = torch.rand(1, 3, 64, 64, dtype=torch.float64)
     coarse = IntegratedGradients(policy, "2b", n_steps=10).attribute(obs, ["value"])
-    fine = IntegratedGradients(policy, "2b", n_steps=200).attribute(obs, ["value"])
+    fine = IntegratedGradients(policy, "2b", n_steps=100).attribute(obs, ["value"])
     assert fine.delta.abs().max() < coarse.delta.abs().max() + 1e-12
     assert fine.delta.abs().max() < 1e-3
 
@@ -121,7 +121,7 @@ def test_completeness_on_a_real_policy():
 def test_input_layer_is_the_plain_gradient():
     torch.manual_seed(3)
     policy = build_policy("nature", (4, 84, 84), 4)
-    obs = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
+    obs = torch.randint(0, 256, (1, 4, 84, 84), dtype=torch.uint8)
     res = IntegratedGradients(policy, "input").attribute(obs, ["logit:2"])
     x = (obs.float() / 255).requires_grad_(True)
     policy(x).logits[:, 2].sum().backward()
@@ -156,3 +156,15 @@ def test_bad_input():
         ig.attribute(torch.zeros(1, 4, 84, 84, dtype=torch.int64), "all")
     with pytest.raises(LoupeError, match="unknown target"):
         ig.attribute(torch.zeros(1, 4, 84, 84), ["softmax:1"])
+
+
+@pytest.mark.unit
+def test_benchmark_reports_times_and_agreement():
+    torch.manual_seed(4)
+    policy = build_policy("nature", (4, 84, 84), 3)
+    obs = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
+    res = benchmark_ig_vs_captum(policy, obs, "c3", n_steps=3)
+    assert set(res) == {"ours_s", "captum_s", "ratio", "max_abs_diff"}
+    assert res["ours_s"] > 0 and res["captum_s"] > 0
+    assert res["ratio"] == pytest.approx(res["captum_s"] / res["ours_s"])
+    assert res["max_abs_diff"] < 1e-4
