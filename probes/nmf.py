@@ -302,10 +302,13 @@ def _patch_geometry(obs_hw: tuple[int, int], layer_hw: tuple[int, int], expand: 
     return unit, size
 
 
-def _patch(obs_rgb: np.ndarray, y: int, x: int, unit, size) -> np.ndarray:
-    """The (size) patch of an (H, W, 3) image around layer cell (y, x); off-screen is checkered."""
-    pad = max(size)
-    padded = render.pad_with_checkerboard(obs_rgb, pad)
+def _padded(obs: np.ndarray, index: int, pad: int) -> np.ndarray:
+    """Observation ``index`` as (H + 2 pad, W + 2 pad, 3) RGB inside a checkerboard border."""
+    return render.pad_with_checkerboard(render.obs_to_rgb(obs[index]), pad)
+
+
+def _patch(padded: np.ndarray, pad: int, y: int, x: int, unit, size) -> np.ndarray:
+    """The ``size`` patch around layer cell (y, x) of a padded image; off-screen is checkered."""
     return render.crop_around(padded, pad, ((y + 0.5) * unit[0], (x + 0.5) * unit[1]), size)
 
 
@@ -314,7 +317,8 @@ def dataset_example_image(
 ) -> np.ndarray:
     """(grid x grid) patches of the examples, strongest first, row-major -> (H, W, 3) float."""
     unit, size = _patch_geometry(tuple(obs.shape[-2:]), layer_hw, expand)
-    patches = [_patch(render.obs_to_rgb(obs[e.obs_index]), e.y, e.x, unit, size) for e in examples]
+    pad = max(size)
+    patches = [_patch(_padded(obs, e.obs_index, pad), pad, e.y, e.x, unit, size) for e in examples]
     if not patches:
         patches = [render.checkerboard(*size)]
     return render.tile(patches, grid, grid)
@@ -324,11 +328,12 @@ def spatial_example_image(obs: np.ndarray, chosen: np.ndarray) -> np.ndarray:
     """Each layer cell shows its chosen observation's patch of that cell -> (H, W, 3) float."""
     h, w = chosen.shape
     unit, size = _patch_geometry(tuple(obs.shape[-2:]), (h, w), 1.0)
+    pad = max(size)
+    padded = {int(i): _padded(obs, int(i), pad) for i in np.unique(chosen)}
     out = np.zeros((h * size[0], w * size[1], 3))
-    rgb = {int(i): render.obs_to_rgb(obs[i]) for i in np.unique(chosen)}
     for y in range(h):
         for x in range(w):
-            patch = _patch(rgb[int(chosen[y, x])], y, x, unit, size)
+            patch = _patch(padded[int(chosen[y, x])], pad, y, x, unit, size)
             out[y * size[0] : (y + 1) * size[0], x * size[1] : (x + 1) * size[1]] = patch
     return out
 

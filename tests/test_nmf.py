@@ -13,10 +13,14 @@ import torch
 from PIL import Image
 from scipy.optimize import nnls
 
+from attention import build_policy
 from loupe.errors import LoupeError
 from probes import render
+from probes.attribution import IntegratedGradients
+from probes.editing import edit_policy
 from probes.nmf import (
     FeatureVisConfig,
+    NMFConfig,
     dataset_example_image,
     dataset_examples,
     fit_attribution_nmf,
@@ -80,6 +84,10 @@ def test_transform_and_residual_against_plain_loops():
     scaled_ref = t0_ref * d.sum(axis=1)[None, :, None, None]
     np.testing.assert_allclose(nmf.transform(attr), scaled_ref, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(nmf.residual(attr), residual_ref, rtol=1e-10, atol=1e-12)
+    # the scaling makes features and residual add up to the attribution at every position
+    np.testing.assert_allclose(
+        nmf.transform(attr).sum(1) + nmf.residual(attr), attr.sum(1), rtol=1e-10, atol=1e-12
+    )
     # torch input gives the same numbers
     np.testing.assert_allclose(nmf.transform(torch.from_numpy(attr)), scaled_ref, atol=1e-12)
 
@@ -109,6 +117,10 @@ def test_bad_inputs_are_refused():
         fit_attribution_nmf(np.ones((2, 4)), n_components=2)
     with pytest.raises(LoupeError, match="NaN"):
         fit_attribution_nmf(np.full((2, 4, 3, 3), np.nan), n_components=2)
+    with pytest.raises(LoupeError, match="unknown NMF init"):
+        NMFConfig(init="svd")
+    with pytest.raises(LoupeError, match="top_frac"):
+        FeatureVisConfig(top_frac=0.0)
     nmf = fit_attribution_nmf(planted()[1], n_components=3)
     with pytest.raises(LoupeError, match="fitted on 6"):
         nmf.transform(np.ones((1, 5, 2, 2)))
@@ -252,3 +264,38 @@ def test_feature_visualisations_are_written_with_the_right_sizes(tmp_path):
     assert len(saved["features"]) == 3 and len(saved["features"][0]["examples"]) == 16
     with pytest.raises(LoupeError, match="same frames"):
         write_feature_visualisations(tmp_path, nmf, attr, obs[:3])
+
+
+@pytest.mark.unit
+def test_value_attribution_features_of_a_real_policy(tmp_path):
+    """IG on the interpretable network's layer 2b -> NMF -> views -> blind the net to a feature."""
+    torch.manual_seed(0)
+    policy = build_policy("interpretable", (3, 64, 64), 15)
+    obs = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8)
+    result = IntegratedGradients(policy, "2b", n_steps=2).attribute(obs, targets="value")
+    attr = result["value"]  # (8, 32, 16, 16)
+    nmf = fit_attribution_nmf(attr, n_components=4, seed=0)
+    assert nmf.directions.shape == (4, 32)
+    t = nmf.transform(attr)
+    assert t.shape == (8, 4, 16, 16)
+    total = attr.double().numpy().sum(1)
+    np.testing.assert_allclose(t.sum(1) + nmf.residual(attr), total, rtol=1e-4, atol=1e-6)
+    index = write_feature_visualisations(
+        tmp_path, nmf, attr, obs, activations=result.activation, frames=[0, 5]
+    )
+    with Image.open(tmp_path / "feature3-examples.png") as im:
+        assert im.size == (64, 64)  # 4 x 4 patches of 4 x (64 / 16) pixels
+    with Image.open(tmp_path / "overlay" / "positive-00005.png") as im:
+        assert im.size == (64, 64)
+    assert index["overlays"]["frames"] == [0, 5]
+    edited = edit_policy(policy, "2b", nmf.directions[0])
+    with torch.no_grad():
+        a = policy.forward_to(obs[:2], "2b")
+        d = torch.from_numpy(nmf.directions[0]).float()
+        moved = a + 5.0 * d[None, :, None, None]
+        torch.testing.assert_close(
+            edited.forward_from("2b", moved)[1],
+            edited.forward_from("2b", a)[1],
+            atol=1e-4,
+            rtol=1e-4,
+        )
