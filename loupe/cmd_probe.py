@@ -1,0 +1,147 @@
+"""`loupe probe` (one checkpoint, or follow a run) and `loupe edit`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from loupe.errors import LoupeError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("probe", help="interpretability probes for a checkpoint or a whole run")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="analyse this checkpoint once (needs --out)")
+    src.add_argument("--run", help="follow this run's checkpoint stream")
+    p.add_argument("--out", help="output directory for --checkpoint")
+    p.add_argument("--layer", default=None, help="analysis layer (default: the policy's)")
+    p.add_argument("--num-envs", type=int, default=8, help="environments recorded")
+    p.add_argument("--num-steps", type=int, default=128, help="steps recorded per environment")
+    p.add_argument("--ig-samples", type=int, default=64, help="observations attributed")
+    p.add_argument("--nmf-components", type=int, default=8)
+    p.add_argument("--smoothgrad-copies", type=int, default=50)
+    p.add_argument("--redis", default=None, help="redis://... (default: the run's private server)")
+    p.add_argument("--workers", type=int, default=1, help="probe worker processes")
+    p.add_argument("--group", default="probes", help="consumer group (probe suite name)")
+    p.add_argument("--consumer", default=None, help="this worker's consumer name")
+    p.add_argument("--claim-idle-ms", type=int, default=60_000)
+    p.add_argument("--exit-when-idle", type=float, default=None, help="stop after S idle seconds")
+    p.add_argument("--max-checkpoints", type=int, default=None)
+    p.set_defaults(func=cmd_probe)
+
+    e = sub.add_parser("edit", help="project a feature direction out of a layer's consumer")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--layer", required=True)
+    e.add_argument("--direction", required=True, help="nmf:K (with --nmf) or a .npy file")
+    e.add_argument("--nmf", default=None, help="a probe summary.json holding the NMF directions")
+    e.add_argument("--out", required=True, help="new directory for the edited checkpoint")
+    e.set_defaults(func=cmd_edit)
+
+
+def probe_config(args):
+    from probes.suite import ProbeConfig
+
+    return ProbeConfig(
+        layer=args.layer,
+        num_envs=args.num_envs,
+        num_steps=args.num_steps,
+        ig_samples=args.ig_samples,
+        nmf_components=args.nmf_components,
+        smoothgrad_copies=args.smoothgrad_copies,
+    )
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    if args.checkpoint:
+        if not args.out:
+            raise LoupeError("--checkpoint needs --out DIR")
+        from probes.suite import run_suite
+
+        summary = run_suite(args.checkpoint, args.out, probe_config(args))
+        print(f"step {summary['step']}, layer {summary['layer']}:")
+        for key in ("attention_entropy", "max_completeness_delta", "top10_attribution_share",
+                    "anomaly_count", "mean_return"):  # fmt: skip
+            if summary.get(key) is not None:
+                print(f"  {key} = {summary[key]:.4g}")
+        print(f"summary and images in {args.out}")
+        return 0
+    return follow_run(args)
+
+
+def follow_run(args: argparse.Namespace) -> int:
+    from loupe.bus import CheckpointBus
+    from loupe.probe_worker import ProbeWorker, WorkerConfig, connect_run
+    from loupe.rundir import RunDir
+
+    run = RunDir(args.run)
+    run.require_run()
+    if args.workers <= 0:
+        raise LoupeError("--workers must be positive")
+    if args.workers > 1:
+        return spawn_workers(args)
+    client, server = connect_run(run.path, args.redis)
+    config = json.loads(run.config_path.read_text())
+    bus = CheckpointBus(client, config["run_id"])
+    worker_cfg = WorkerConfig(
+        group=args.group,
+        claim_idle_ms=args.claim_idle_ms,
+        exit_when_idle=args.exit_when_idle,
+        max_checkpoints=args.max_checkpoints,
+    )
+    if args.consumer:
+        worker_cfg.consumer = args.consumer
+    try:
+        handled = ProbeWorker(bus, run.path, worker_cfg, probe_config(args)).run()
+    finally:
+        if server is not None:
+            server.stop()
+    print(f"{worker_cfg.consumer}: probed {handled} checkpoint(s) of {config['run_id']}")
+    return 0
+
+
+def spawn_workers(args: argparse.Namespace) -> int:
+    """M worker processes in one consumer group; waits for all of them."""
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--workers")
+    argv[i + 1] = "1"
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "loupe.cli", *argv, "--consumer", f"worker-{k}"])
+        for k in range(args.workers)
+    ]
+    codes = [p.wait() for p in procs]
+    return max(codes)
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from probes.editing import write_edited_checkpoint
+
+    spec = args.direction
+    if spec.startswith("nmf:"):
+        if not args.nmf:
+            raise LoupeError("--direction nmf:K needs --nmf SUMMARY_JSON from `loupe probe`")
+        summary = json.loads(Path(args.nmf).read_text())
+        directions = (summary.get("nmf") or {}).get("directions")
+        if not directions:
+            raise LoupeError(f"{args.nmf} holds no NMF directions")
+        if summary.get("layer") != args.layer:
+            raise LoupeError(
+                f"{args.nmf} was fitted at layer {summary.get('layer')}, not {args.layer}"
+            )
+        try:
+            k = int(spec.split(":", 1)[1])
+            direction = np.asarray(directions[k])
+        except (ValueError, IndexError):
+            raise LoupeError(f"{spec}: choose nmf:0 .. nmf:{len(directions) - 1}") from None
+    else:
+        try:
+            direction = np.load(spec, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise LoupeError(f"cannot read direction {spec} ({exc})") from None
+    path = write_edited_checkpoint(args.checkpoint, args.layer, direction, spec, args.out)
+    print(f"edited checkpoint: {path}")
+    return 0

@@ -1,0 +1,200 @@
+"""Probe workers on the bus: follow a run's checkpoint stream and run the probe suite on each one.
+
+Workers of one suite share a consumer group, so each checkpoint goes to one of them. A checkpoint is
+handled at most once per suite: its result is published and marked done in one atomic step (a Redis
+script), and a worker that finds the mark only acknowledges. A worker that dies mid-checkpoint leaves
+its entry pending; the others reclaim it with XAUTOCLAIM once it has been idle ``claim_idle_ms``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from loupe.errors import LoupeError
+
+log = logging.getLogger("loupe.probe")
+
+# SET the done mark if absent and, only then, append the result: exactly one result per checkpoint
+_FINISH = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+end
+return false
+"""
+
+
+@dataclasses.dataclass
+class WorkerConfig:
+    """One probe worker."""
+
+    #: consumer group = the probe suite's name
+    group: str = "probes"
+    #: this worker's consumer name (unique within the group)
+    consumer: str = dataclasses.field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}"
+    )
+    #: reclaim entries other workers left unacknowledged this long
+    claim_idle_ms: int = 60_000
+    #: block this long waiting for new entries
+    block_ms: int = 1_000
+    #: stop after this many idle seconds (None: run until interrupted)
+    exit_when_idle: float | None = None
+    #: stop after handling this many checkpoints (None: no limit)
+    max_checkpoints: int | None = None
+
+
+class ProbeWorker:
+    """Runs the probe suite for each checkpoint announced on ``bus``, writing into ``run_dir``."""
+
+    def __init__(self, bus, run_dir: str | Path, config: WorkerConfig, probe_config=None):
+        from probes.suite import ProbeConfig
+
+        self.bus = bus
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.probe_config = probe_config or ProbeConfig()
+        self.finish = bus.client.register_script(_FINISH)
+        self.handled = 0
+        self.writer = None
+
+    # -- one entry ----------------------------------------------------------------------------
+    def out_dir(self, step: int, sha256: str) -> Path:
+        return self.run_dir / "probes" / f"step-{step:012d}-{sha256[:8]}"
+
+    def handle(self, delivery) -> str:
+        """Process one delivery -> "done", "skipped", "rejected"."""
+        group = self.config.group
+        if delivery.error is not None:
+            log.warning("%s", delivery.error)
+            return "rejected"
+        ann = delivery.announcement
+        if self.bus.is_done(group, ann.sha256):
+            self.bus.ack(group, delivery.entry_id)
+            return "skipped"
+        started = time.time()
+        latency = started - ann.announced if ann.announced else None
+        try:
+            summary = self._summary(ann)
+        except LoupeError as exc:
+            reason = f"checkpoint at step {ann.step} ({ann.uri}) rejected: {exc}"
+            log.error("%s", reason)
+            self.bus.publish_result({"kind": "error", "step": ann.step, "sha256": ann.sha256,
+                                     "uri": ann.uri, "error": str(exc)})  # fmt: skip
+            self.bus.reject(group, delivery.entry_id, reason)
+            return "rejected"
+        result = {
+            "kind": "probe", "suite": group, "step": ann.step, "sha256": ann.sha256,
+            "out": str(self.out_dir(ann.step, ann.sha256)), "consumer": self.config.consumer,
+            "start_latency_s": latency, "seconds": time.time() - started,
+            "scalars": scalars(summary),
+        }  # fmt: skip
+        fields = [x for k, v in result.items() for x in (k, json.dumps(v))]
+        first = self.finish(
+            keys=[self.bus._done_key(group, ann.sha256), self.bus.results_key],
+            args=[str(time.time()), str(self.bus.maxlen), *fields],
+        )
+        if first:
+            self._log_scalars(ann.step, result["scalars"], latency)
+        self.bus.ack(group, delivery.entry_id)
+        return "done" if first else "skipped"
+
+    def _summary(self, ann) -> dict[str, Any]:
+        from learner.checkpoint import load_checkpoint, resolve
+        from probes.suite import run_suite
+
+        out = self.out_dir(ann.step, ann.sha256)
+        summary_path = out / "summary.json"
+        if summary_path.is_file():  # finished by a worker that died before recording it
+            return json.loads(summary_path.read_text())
+        policy, meta = load_checkpoint(ann.uri)  # verifies the file against its metadata
+        if meta["sha256"] != ann.sha256:
+            raise LoupeError(
+                f"sha256 of {resolve(ann.uri)} is {meta['sha256'][:12]}..., the announcement says "
+                f"{ann.sha256[:12]}...; the file was replaced after it was announced"
+            )
+        return run_suite(ann.uri, out, self.probe_config, policy=policy, meta=meta)
+
+    def _log_scalars(self, step: int, values: dict[str, float], latency: float | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if self.writer is None:
+            self.writer = SummaryWriter(str(self.run_dir / "tb" / f"probes-{self.config.consumer}"))
+        for key, value in values.items():
+            self.writer.add_scalar(f"probe/{key}", value, step)
+        if latency is not None:
+            self.writer.add_scalar("probe/start_latency_s", latency, step)
+        self.writer.flush()
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self) -> int:
+        """Follow the stream until idle or the checkpoint limit; returns checkpoints handled."""
+        cfg = self.config
+        self.bus.ensure_group(cfg.group)
+        idle_since = time.monotonic()
+        try:
+            while cfg.max_checkpoints is None or self.handled < cfg.max_checkpoints:
+                deliveries = self.bus.claim_stale(cfg.group, cfg.consumer, cfg.claim_idle_ms)
+                if not deliveries:
+                    deliveries = self.bus.follow(cfg.group, cfg.consumer, block_ms=cfg.block_ms)
+                if not deliveries:
+                    if cfg.exit_when_idle is not None and (
+                        time.monotonic() - idle_since > cfg.exit_when_idle
+                    ):
+                        break
+                    continue
+                for delivery in deliveries:
+                    outcome = self.handle(delivery)
+                    log.info("%s entry %s: %s", cfg.consumer, delivery.entry_id, outcome)
+                    if outcome == "done":
+                        self.handled += 1
+                idle_since = time.monotonic()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        return self.handled
+
+
+def scalars(summary: dict[str, Any]) -> dict[str, float]:
+    """The numbers worth plotting against training steps."""
+    out = {
+        "max_completeness_delta": summary.get("max_completeness_delta"),
+        "top10_attribution_share": summary.get("top10_attribution_share"),
+        "anomaly_count": summary.get("anomaly_count"),
+        "attention_entropy": summary.get("attention_entropy"),
+        "mean_return": summary.get("mean_return"),
+        "nmf_mean_abs_residual": (summary.get("nmf") or {}).get("mean_abs_residual"),
+    }
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def connect_run(run_dir: str | Path, url: str | None):
+    """-> (redis client, server we started or None). No URL: the run's private server, started
+    again over its AOF if it is not running."""
+    from loupe.bus import connect
+    from loupe.redis_server import RedisServer
+
+    if url:
+        return connect(url), None
+    data = Path(run_dir) / "redis"
+    info = data / "redis.json"
+    if info.is_file():
+        saved = json.loads(info.read_text())
+        try:
+            return connect(
+                f"redis://:{saved['password']}@{saved['host']}:{saved['port']}/0", 2.0
+            ), None
+        except LoupeError:
+            pass  # not running: start it over the same data directory
+    if not data.is_dir():
+        raise LoupeError(
+            f"{run_dir} has no Redis data (redis/); pass --redis URL of the run's server"
+        )
+    server = RedisServer(data).start()
+    return connect(server.url), server
