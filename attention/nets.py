@@ -1,59 +1,83 @@
-"""Plain CNN policies: Nature-DQN, IMPALA, and Hilton et al.'s interpretable network."""
+"""Plain CNN policies: Nature-DQN, IMPALA, and Hilton et al.'s interpretable network (SPEC 2.2)."""
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention.base import Policy, conv_out
+from attention.base import Policy, conv_out, require_positive
 from loupe.errors import LoupeError
 
 
-def _require_positive(name: str, *sizes: int) -> None:
-    if min(sizes) <= 0:
-        raise LoupeError(
-            f"{name}: the observation is too small for this network (a feature map would be "
-            f"{sizes}); choose a policy for smaller inputs"
-        )
+@dataclasses.dataclass
+class NatureConfig:
+    """The Nature-DQN network has no options."""
 
 
 class NatureCNN(Policy):
-    """Mnih et al. 2015: conv 32 8x8/4, 64 4x4/2, 64 3x3/1, fc 512."""
+    """Mnih et al. 2015: conv 32 8x8/4, 64 4x4/2, 64 3x3/1, fc 512; layers c1, c2, c3, fc."""
 
     name = "nature"
 
-    def __init__(self, obs_shape, n_actions: int):
-        super().__init__(obs_shape, n_actions, {})
+    def __init__(self, obs_shape: Sequence[int], n_actions: int, config: NatureConfig) -> None:
+        super().__init__(obs_shape, n_actions, config)
         c, h, w = self.obs_shape
         h1, w1 = conv_out(h, 8, 4), conv_out(w, 8, 4)
         h2, w2 = conv_out(h1, 4, 2), conv_out(w1, 4, 2)
         h3, w3 = conv_out(h2, 3, 1), conv_out(w2, 3, 1)
-        _require_positive(self.name, h3, w3)
+        require_positive(self.name, self.obs_shape, h3, w3)
         self.c1 = nn.Conv2d(c, 32, 8, 4)
         self.c2 = nn.Conv2d(32, 64, 4, 2)
         self.c3 = nn.Conv2d(64, 64, 3, 1)
-        self.fc = nn.Linear(64 * h3 * w3, 512)
-        self._finish([("c1", "_c1"), ("c2", "_c2"), ("c3", "_c3"), ("fc", "_fc")], 512)
+        self.fc = nn.Linear(64 * h3 * w3, 512)  # 3136 at 84x84
+        stages = [("c1", "_c1"), ("c2", "_c2"), ("c3", "_c3"), ("fc", "_fc")]
+        self._build_heads(stages, 512)
 
-    def _c1(self, x):
-        return F.relu(self.c1(x))
+    def _c1(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.c1(x))  # (N, 32, 20, 20) at 84x84
 
-    def _c2(self, x):
-        return F.relu(self.c2(x))
+    def _c2(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.c2(x))  # (N, 64, 9, 9)
 
-    def _c3(self, x):
-        return F.relu(self.c3(x))
+    def _c3(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.c3(x))  # (N, 64, 7, 7)
 
-    def _fc(self, x):
-        return F.relu(self.fc(x.flatten(1)))
+    def _fc(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(x.flatten(1)))  # (N, 512)
 
-    def _consumers(self):
+    def _consumers(self) -> dict[str, nn.Module]:
         return {"c1": self.c2, "c2": self.c3, "c3": self.fc}
 
 
+@dataclasses.dataclass
+class ImpalaConfig:
+    """Options of the IMPALA CNN."""
+
+    #: output channels of each stage; "16,32,32" is accepted from the command line
+    depths: tuple[int, ...] = (16, 32, 32)
+
+    def __post_init__(self) -> None:
+        depths = self.depths
+        if isinstance(depths, str):
+            depths = depths.replace("_", ",").split(",")
+        try:
+            self.depths = tuple(int(d) for d in depths)
+        except (TypeError, ValueError):
+            self.depths = ()
+        if not self.depths or min(self.depths) <= 0:
+            raise LoupeError(
+                f"policy impala: depths must be positive integers such as 16,32,32, got {depths!r}"
+            )
+
+
 class ResidualBlock(nn.Module):
-    def __init__(self, channels: int):
+    """x + conv1(relu(conv0(relu(x)))), 3x3 convolutions keeping the size."""
+
+    def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv0 = nn.Conv2d(channels, channels, 3, padding=1)
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
@@ -63,103 +87,109 @@ class ResidualBlock(nn.Module):
 
 
 class ImpalaStage(nn.Module):
-    """conv3x3 -> maxpool 3/2 -> two residual blocks."""
+    """conv3x3 -> maxpool 3/2 (output ceil(H/2)) -> two residual blocks."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.res0 = ResidualBlock(out_channels)
         self.res1 = ResidualBlock(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(self.conv(x), 3, 2, padding=1)
+        x = F.max_pool2d(self.conv(x), 3, 2, padding=1)  # (N, out, ceil(H/2), ceil(W/2))
         return self.res1(self.res0(x))
 
 
 class ImpalaCNN(Policy):
-    """Espeholt et al. 2018: stages of depth (16, 32, 32), ReLU, fc 256."""
+    """Espeholt et al. 2018: stages of depth (16, 32, 32), ReLU, fc 256; layers s1, s2, s3, fc.
+
+    A stage's activation is its raw output (the next stage's conv reads it directly); fc reads
+    relu(s3), so s3 has no linear consumer.
+    """
 
     name = "impala"
 
-    def __init__(self, obs_shape, n_actions: int, depths=(16, 32, 32)):
-        super().__init__(obs_shape, n_actions, {"depths": list(depths)})
+    def __init__(self, obs_shape: Sequence[int], n_actions: int, config: ImpalaConfig) -> None:
+        super().__init__(obs_shape, n_actions, config)
         c, h, w = self.obs_shape
         stages = []
-        for depth in depths:
+        for depth in config.depths:
             stages.append(ImpalaStage(c, depth))
             c, h, w = depth, conv_out(h, 3, 2, 1), conv_out(w, 3, 2, 1)
-            _require_positive(self.name, h, w)
         self.stages = nn.ModuleList(stages)
-        self.fc = nn.Linear(c * h * w, 256)
-        names = [(f"s{i + 1}", f"stages.{i}") for i in range(len(depths))]
-        self._finish([*names, ("fc", "_fc")], 256)
+        self.fc = nn.Linear(c * h * w, 256)  # 32 * 8 * 8 at 64x64
+        names = [(f"s{i + 1}", f"stages.{i}") for i in range(len(stages))]
+        self._build_heads([*names, ("fc", "_fc")], 256)
 
-    def _fc(self, x):
-        return F.relu(self.fc(F.relu(x).flatten(1)))
+    def _fc(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(F.relu(x).flatten(1)))  # (N, 256)
+
+    def _consumers(self) -> dict[str, nn.Module]:
+        return {f"s{i + 1}": stage.conv for i, stage in enumerate(self.stages[1:])}
+
+
+@dataclasses.dataclass
+class InterpretableConfig:
+    """The interpretable network has no options."""
 
 
 def l2_pool(x: torch.Tensor) -> torch.Tensor:
-    """sqrt(avgpool2(x^2) + 1e-8), 2x2 windows, stride 2."""
-    return torch.sqrt(F.avg_pool2d(x * x, 2, 2) + 1e-8)
+    """sqrt(avgpool(x^2) + 1e-8) over 2x2 windows, stride 2; an odd edge averages what it has.
+
+    (N, C, H, W) -> (N, C, ceil(H/2), ceil(W/2)), like "same" padding in the original network.
+    """
+    return torch.sqrt(F.avg_pool2d(x * x, 2, 2, ceil_mode=True) + 1e-8)
 
 
 class InterpretableCNN(Policy):
-    """Hilton et al. 2020, App. C: convolutions with L2 pooling; analysis layer 2b.
+    """Hilton et al. 2020, App. C: convolutions with L2 pooling, fc 256, fc 512; analysis layer 2b.
 
-    Each layer's activation is after its ReLU and, where the architecture pools after that layer,
-    after the pooling, so it is exactly what the next layer reads.
+    Layers 1a, 2a, 2b, 3a, 4a, fc1, fc2. Each activation is after its ReLU and, where the network
+    pools after that layer, after the pooling, so it is exactly what the next layer reads
+    (2b is (N, 32, 16, 16) at 64x64).
     """
 
     name = "interpretable"
 
-    def __init__(self, obs_shape, n_actions: int):
-        super().__init__(obs_shape, n_actions, {})
+    def __init__(
+        self, obs_shape: Sequence[int], n_actions: int, config: InterpretableConfig
+    ) -> None:
+        super().__init__(obs_shape, n_actions, config)
         c, h, w = self.obs_shape
-        for _ in range(4):
-            h, w = h // 2, w // 2
-        _require_positive(self.name, h, w)
+        for _ in range(4):  # four L2 pools
+            h, w = -(-h // 2), -(-w // 2)
         self.conv1a = nn.Conv2d(c, 16, 7, padding=3)
         self.conv2a = nn.Conv2d(16, 32, 5, padding=2)
         self.conv2b = nn.Conv2d(32, 32, 5, padding=2)
         self.conv3a = nn.Conv2d(32, 32, 5, padding=2)
         self.conv4a = nn.Conv2d(32, 32, 5, padding=2)
-        self.fc1 = nn.Linear(32 * h * w, 256)
+        self.fc1 = nn.Linear(32 * h * w, 256)  # 32 * 4 * 4 at 64x64
         self.fc2 = nn.Linear(256, 512)
-        self._finish(
-            [
-                ("1a", "_1a"),
-                ("2a", "_2a"),
-                ("2b", "_2b"),
-                ("3a", "_3a"),
-                ("4a", "_4a"),
-                ("fc1", "_fc1"),
-                ("fc2", "_fc2"),
-            ],
-            512,
-        )
+        names = ["1a", "2a", "2b", "3a", "4a", "fc1", "fc2"]
+        self._build_heads([(n, f"_{n}") for n in names], 512)
 
-    def _1a(self, x):
-        return l2_pool(F.relu(self.conv1a(x)))
+    def _1a(self, x: torch.Tensor) -> torch.Tensor:
+        return l2_pool(F.relu(self.conv1a(x)))  # (N, 16, 32, 32) at 64x64
 
-    def _2a(self, x):
-        return F.relu(self.conv2a(x))
+    def _2a(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv2a(x))  # (N, 32, 32, 32)
 
-    def _2b(self, x):
-        return l2_pool(F.relu(self.conv2b(x)))
+    def _2b(self, x: torch.Tensor) -> torch.Tensor:
+        return l2_pool(F.relu(self.conv2b(x)))  # (N, 32, 16, 16)
 
-    def _3a(self, x):
-        return l2_pool(F.relu(self.conv3a(x)))
+    def _3a(self, x: torch.Tensor) -> torch.Tensor:
+        return l2_pool(F.relu(self.conv3a(x)))  # (N, 32, 8, 8)
 
-    def _4a(self, x):
-        return l2_pool(F.relu(self.conv4a(x)))
+    def _4a(self, x: torch.Tensor) -> torch.Tensor:
+        return l2_pool(F.relu(self.conv4a(x)))  # (N, 32, 4, 4)
 
-    def _fc1(self, x):
-        return F.relu(self.fc1(x.flatten(1)))
+    def _fc1(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc1(x.flatten(1)))  # (N, 256)
 
-    def _fc2(self, x):
-        return F.relu(self.fc2(x))
+    def _fc2(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc2(x))  # (N, 512)
 
-    def _consumers(self):
+    def _consumers(self) -> dict[str, nn.Module]:
         return {
             "1a": self.conv2a,
             "2a": self.conv2b,
