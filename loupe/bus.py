@@ -157,7 +157,8 @@ class CheckpointBus:
         )
 
     def publish_result(self, result: dict[str, Any]) -> str:
-        fields = {k: v if isinstance(v, str) else json.dumps(v) for k, v in result.items()}
+        """Append a result; every value is JSON-encoded (read back with ``json.loads``)."""
+        fields = {k: json.dumps(v) for k, v in result.items()}
         return self.client.xadd(self.results_key, fields, maxlen=self.maxlen, approximate=True)
 
     def read_results(self, count: int = 1000) -> list[tuple[str, dict[str, str]]]:

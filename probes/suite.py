@@ -129,9 +129,8 @@ def run_suite(checkpoint: str | Path, out_dir: str | Path, config: ProbeConfig |
             f"{policy.spec['name']} has no layer {layer!r}; valid layers: "
             f"{', '.join(policy.layer_names)}"
         )
+    _remove_stale_partials(out)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    if partial.exists():
-        shutil.rmtree(partial)
     partial.mkdir(parents=True)
     try:
         summary = _analyse(policy, meta, layer, config, partial)
@@ -144,6 +143,23 @@ def run_suite(checkpoint: str | Path, out_dir: str | Path, config: ProbeConfig |
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return summary
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Delete unfinished work of probe processes that no longer run (killed mid-checkpoint)."""
+    if not out.parent.is_dir():
+        return
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int(stale.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+            if pid != os.getpid():
+                continue  # another live process is working on it
+        except (ValueError, ProcessLookupError):
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _analyse(policy, meta, layer: str, config: ProbeConfig, out: Path) -> dict[str, Any]:

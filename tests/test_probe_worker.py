@@ -1,0 +1,162 @@
+"""Probe workers on a real Redis with real checkpoints: reclaim after a kill, exactly once, rejects."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loupe.bus import CheckpointAnnouncement, CheckpointBus, connect
+from loupe.redis_server import RedisServer
+
+FAST = ["--num-envs", "2", "--num-steps", "16", "--ig-samples", "8", "--smoothgrad-copies", "2",
+        "--nmf-components", "4"]  # fmt: skip
+
+
+def loupe(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "loupe.cli", *args], capture_output=True,
+                          text=True, timeout=600, **kw)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "probed"
+    proc = loupe("train", "--env", "procgen:coinrun", "--policy", "interpretable", "--num-envs", "2",
+                 "--num-steps", "16", "--minibatches", "1", "--epochs", "1", "--total-steps", "64",
+                 "--checkpoint-every", "1", "--run-dir", str(run), "--no-progress", "--no-announce")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return run
+
+
+@pytest.fixture
+def run_with_bus(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    server = RedisServer(tmp_path / "redis").start()
+    bus = CheckpointBus(
+        connect(server.url), json.loads((run / "config.json").read_text())["run_id"]
+    )
+    yield run, server, bus
+    server.stop()
+
+
+def announce(bus, meta_path: Path, sha256: str | None = None) -> None:
+    meta = json.loads(meta_path.read_text())
+    bus.publish_checkpoint(CheckpointAnnouncement(
+        run_id=bus.run_id, step=meta["step"], uri=str(meta_path), sha256=sha256 or meta["sha256"],
+        policy=meta["policy"]["name"], env=meta["env"]))  # fmt: skip
+
+
+def checkpoints(run: Path) -> list[Path]:
+    return sorted((run / "checkpoints").glob("ckpt-*[0-9].json"))
+
+
+def worker(run, server, *extra, **kw):
+    return ["probe", "--run", str(run), "--redis", server.url, *FAST, *extra]
+
+
+@pytest.mark.integration
+def test_single_checkpoint_probe_writes_summary_and_images(trained, tmp_path):
+    out = tmp_path / "probe"
+    proc = loupe("probe", "--checkpoint", str(checkpoints(trained)[-1]), "--out", str(out), *FAST)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["layer"] == "2b" and summary["layer_shape"] == [32, 16, 16]
+    assert summary["max_completeness_delta"] >= 0 and 0 < summary["top10_attribution_share"] <= 1
+    assert len(summary["nmf"]["directions"]) == 4 and len(summary["nmf"]["directions"][0]) == 32
+    assert summary["bookmarks"] and {"env", "t", "advantage", "value"} <= set(
+        summary["bookmarks"][0]
+    )
+    assert list((out / "nmf").glob("*.png")) and list((out / "saliency").glob("*.png"))
+    # the same output directory again is refused, and nothing is overwritten
+    before = (out / "summary.json").read_bytes()
+    again = loupe("probe", "--checkpoint", str(checkpoints(trained)[-1]), "--out", str(out), *FAST)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert (out / "summary.json").read_bytes() == before
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--layer", "9z"], "valid layers: 1a, 2a, 2b"),
+        (["--nmf-components", "0"], "nmf_components must be positive"),
+    ],
+)
+def test_bad_probe_input(trained, tmp_path, args, message):
+    out = tmp_path / "p"
+    proc = loupe("probe", "--checkpoint", str(checkpoints(trained)[-1]), "--out", str(out), *FAST,
+                 *args)  # fmt: skip
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.integration
+def test_killed_worker_is_reclaimed_and_results_are_exactly_once(run_with_bus):
+    run, server, bus = run_with_bus
+    for path in checkpoints(run):
+        announce(bus, path)
+    n = len(checkpoints(run))
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "loupe.cli", *worker(run, server, "--consumer", "victim")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((run / "probes").glob(".*partial*")):
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert bus.pending("probes") >= 1, "the victim should hold an unacknowledged entry"
+    rescue = loupe(*worker(run, server, "--consumer", "rescuer", "--claim-idle-ms", "200",
+                           "--exit-when-idle", "3"))  # fmt: skip
+    assert rescue.returncode == 0, rescue.stderr[-2000:]
+    results = [f for _, f in bus.read_results() if json.loads(f["kind"]) == "probe"]
+    steps = sorted(json.loads(f["step"]) for f in results)
+    assert steps == sorted(json.loads(p.read_text())["step"] for p in checkpoints(run))
+    assert len(results) == n and bus.pending("probes") == 0
+    done = sorted(p.name for p in (run / "probes").iterdir())
+    assert len(done) == n and not any("partial" in d for d in done)
+
+    # every worker restarted: nothing is redone
+    again = loupe(*worker(run, server, "--consumer", "later", "--exit-when-idle", "2"))
+    assert again.returncode == 0 and "probed 0 checkpoint(s)" in again.stdout
+    assert len(bus.read_results()) == n
+
+
+@pytest.mark.integration
+def test_sha_mismatch_is_rejected_not_loaded(run_with_bus):
+    run, server, bus = run_with_bus
+    announce(bus, checkpoints(run)[-1], sha256="0" * 64)
+    proc = loupe(*worker(run, server, "--exit-when-idle", "2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (_, fields), = bus.read_results()  # fmt: skip
+    assert json.loads(fields["kind"]) == "error" and "sha256" in json.loads(fields["error"])
+    assert bus.client.xlen(bus.rejected_key) == 1 and bus.pending("probes") == 0
+    assert not (run / "probes").exists() or not any((run / "probes").iterdir())
+
+
+@pytest.mark.integration
+def test_edit_from_probe_nmf_direction(trained, tmp_path):
+    out = tmp_path / "probe"
+    ckpt = checkpoints(trained)[-1]
+    assert loupe("probe", "--checkpoint", str(ckpt), "--out", str(out), *FAST).returncode == 0
+    edited = tmp_path / "edited"
+    proc = loupe("edit", "--checkpoint", str(ckpt), "--layer", "2b", "--direction", "nmf:1",
+                 "--nmf", str(out / "summary.json"), "--out", str(edited))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (meta_path,) = checkpoints(edited)
+    meta = json.loads(meta_path.read_text())
+    parent = json.loads(ckpt.read_text())
+    assert meta["edit"]["parent_sha256"] == parent["sha256"] and meta["edit"]["layer"] == "2b"
+    summary = json.loads((out / "summary.json").read_text())
+    assert meta["edit"]["direction"] == pytest.approx(summary["nmf"]["directions"][1])
+    bad = loupe("edit", "--checkpoint", str(ckpt), "--layer", "2b", "--direction", "nmf:99",
+                "--nmf", str(out / "summary.json"), "--out", str(tmp_path / "e2"))  # fmt: skip
+    assert bad.returncode == 2 and "nmf:0 .. nmf:3" in bad.stderr
