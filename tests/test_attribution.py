@@ -37,7 +37,7 @@ def test_matches_captum_on_every_policy(name):
     shape = SHAPES.get(name, (4, 84, 84))
     policy = build_policy(name, shape, 5).double()
     obs = torch.rand(2, *shape, dtype=torch.float64)
-    layer = LAYERS[name]
+    layer = LAYERS.get(name, policy.layer_names[len(policy.layer_names) // 2])
     targets = ["value", "logit:0", "logit:4", ("jump", [1, 2])]
     res = IntegratedGradients(policy, layer).attribute(obs, targets)
     names, weights = target_matrix(targets, 5)
