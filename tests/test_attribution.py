@@ -140,6 +140,16 @@ def test_no_hooks_or_grad_state_left_behind_even_after_an_error():
     ig.attribute(obs)
     with pytest.raises(LoupeError):
         ig.attribute(obs, ["logit:9"])
+    real = policy.forward_from
+
+    def failing(layer, a):  # fails after the scaled activations entered the graph
+        real(layer, a)
+        raise RuntimeError("boom")
+
+    policy.forward_from = failing
+    with pytest.raises(RuntimeError, match="boom"):
+        ig.attribute(obs)
+    del policy.forward_from
     for m in policy.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
     assert all(p.grad is None for p in policy.parameters())
