@@ -125,7 +125,9 @@ class ImpalaCNN(Policy):
         return F.relu(self.fc(F.relu(x).flatten(1)))  # (N, 256)
 
     def _consumers(self) -> dict[str, nn.Module]:
-        return {f"s{i + 1}": stage.conv for i, stage in enumerate(self.stages[1:])}
+        # stage i+1's first conv reads s_i as it is; fc reads relu(s3)
+        convs = [stage.conv for stage in self.stages if isinstance(stage, ImpalaStage)]
+        return {f"s{i + 1}": conv for i, conv in enumerate(convs[1:])}
 
 
 @dataclasses.dataclass

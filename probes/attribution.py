@@ -32,7 +32,7 @@ class Attribution:
     targets: list[str]  # K names: "value", "logit:3", "group:jump"
     attributions: torch.Tensor  # (K, N, *layer_shape)
     activation: torch.Tensor  # (N, *layer_shape), a = A(x)
-    delta: torch.Tensor  # (K, N): sum(attr) - (F(a) - F(0))
+    delta: torch.Tensor  # (K, N): sum(attr) - (F(a) - F(0)); NaN for layer "input"
     layer: str
 
     def __getitem__(self, target: str) -> torch.Tensor:

@@ -37,7 +37,7 @@ def test_matches_captum_on_every_policy(name):
     shape = SHAPES.get(name, (4, 84, 84))
     policy = build_policy(name, shape, 5).double()
     obs = torch.rand(2, *shape, dtype=torch.float64)
-    layer = LAYERS[name]
+    layer = LAYERS.get(name, policy.layer_names[len(policy.layer_names) // 2])
     targets = ["value", "logit:0", "logit:4", ("jump", [1, 2])]
     res = IntegratedGradients(policy, layer).attribute(obs, targets)
     names, weights = target_matrix(targets, 5)
@@ -140,6 +140,16 @@ def test_no_hooks_or_grad_state_left_behind_even_after_an_error():
     ig.attribute(obs)
     with pytest.raises(LoupeError):
         ig.attribute(obs, ["logit:9"])
+    real = policy.forward_from
+
+    def failing(layer, a):  # fails after the scaled activations entered the graph
+        real(layer, a)
+        raise RuntimeError("boom")
+
+    policy.forward_from = failing
+    with pytest.raises(RuntimeError, match="boom"):
+        ig.attribute(obs)
+    del policy.forward_from
     for m in policy.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
     assert all(p.grad is None for p in policy.parameters())

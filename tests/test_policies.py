@@ -56,7 +56,7 @@ LAYER_SHAPES = {
             "fc1": (256,),
             "fc2": (512,),
         },
-    },  # fmt: skip
+    },
     **{
         name: {
             ATARI: {"c1": (16, 20, 20), "block": (16, 20, 20), "c2": (32, 9, 9), "fc": (256,)},
@@ -210,7 +210,7 @@ NEXT = {
         "3a": "conv4a",
         "4a": "fc1",
         "fc1": "fc2",
-    },  # fmt: skip
+    },
     "sun-na": {"c1": "c2", "c2": "fc"},
     **{name: {"block": "c2", "c2": "fc"} for name in SUN[1:]},
 }

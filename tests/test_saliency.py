@@ -9,7 +9,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from attention import PolicyOutput, build_policy
+from attention import PolicyOutput, build_policy, list_policies
 from loupe.errors import LoupeError
 from probes.saliency import (
     NoiseConfig,
@@ -57,8 +57,11 @@ def loop_gradients(policy, x, target):
     for xi in x:
         xi = xi[None].clone().requires_grad_(True)
         o = policy(xi)
-        y = {"value": o.value[0], "logit:1": o.logits[0, 1], "attention": o.attention_logits.sum()}
-        (g,) = torch.autograd.grad(y[target], xi)
+        if target == "attention":
+            y = o.attention_logits.sum()
+        else:
+            y = o.value[0] if target == "value" else o.logits[0, 1]
+        (g,) = torch.autograd.grad(y, xi)
         out.append(g[0])
     return torch.stack(out)
 
@@ -132,7 +135,7 @@ def test_smoothgrad_and_vargrad_match_a_slow_loop(square):
 def test_smoothgrad_with_one_copy_is_the_plain_gradient():
     torch.manual_seed(2)
     policy = build_policy("region", (4, 84, 84), 4)
-    obs = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
+    obs = torch.randint(0, 256, (1, 4, 84, 84), dtype=torch.uint8)
     plain = attention_gradient(policy, obs)
     torch.testing.assert_close(smoothgrad(policy, obs, "attention", n=1), plain)
     torch.testing.assert_close(
@@ -151,6 +154,23 @@ def test_newest_frame():
     torch.testing.assert_close(newest_frame(x, frame_channels=2), x[:, 2] + x[:, 3])
     with pytest.raises(LoupeError):
         newest_frame(x, frame_channels=5)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", list_policies())
+def test_every_policy(name):
+    torch.manual_seed(4)
+    shape = (3, 64, 64) if name in ("impala", "interpretable") else (4, 84, 84)
+    policy = build_policy(name, shape, 5)
+    x = torch.rand(2, *shape)
+    got, ref = input_gradient(policy, x, "value"), loop_gradients(policy, x, "value")
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    if policy.has_attention and policy(x[:1]).attention_logits is not None:
+        sal = attention_gradient(policy, x[:1])
+        assert sal.shape == (1, *shape) and sal.min() >= 0 and sal.max() > 0
+    else:
+        with pytest.raises(LoupeError, match="attention"):
+            attention_gradient(policy, x)
 
 
 # -- perturbation saliency --------------------------------------------------------------------
