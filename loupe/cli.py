@@ -6,8 +6,6 @@ import argparse
 import dataclasses
 import logging
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
 from loupe.errors import LoupeError
@@ -181,23 +179,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # -- demo --------------------------------------------------------------------------------------
-def cmd_demo(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+def train_namespace(**values) -> argparse.Namespace:
+    """The arguments of `loupe train` with defaults, overridden by ``values`` (for the demo)."""
     ns = argparse.Namespace(
         **{a.dest: a.default for a in _train_parser()._actions if a.dest != "help"}
     )
-    ns.env, ns.policy, ns.run_dir = "procgen:coinrun", "impala", str(run_dir)
-    ns.total_steps, ns.num_envs, ns.num_steps = args.total_steps, 16, 64
-    ns.minibatches, ns.epochs, ns.checkpoint_every = 4, 2, 4
-    ns.env_option = ["num_levels=200", "distribution_mode=easy"]
-    print(f"loupe demo: training an IMPALA-CNN PPO agent on CoinRun for {args.total_steps} steps")
-    return cmd_train(ns)
+    for key, value in values.items():
+        setattr(ns, key, value)
+    return ns
 
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     add_train_args(p)
     return p
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from loupe.demo import cmd_demo
+
+    return cmd_demo(args)
 
 
 # -- misc ----------------------------------------------------------------------------------------
@@ -229,8 +230,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help="a small end-to-end run on the embedded default")
     p.add_argument("--run-dir", default=None)
-    p.add_argument("--total-steps", type=int, default=16384)
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--total-steps", type=int, default=32768)
+    p.add_argument("--levels", type=int, default=200, help="evaluation levels per agent")
+    p.add_argument("--workers", type=int, default=2, help="Ray evaluators")
+    p.set_defaults(func=_demo)
     p = sub.add_parser("policies", help="list the policy networks")
     p.set_defaults(func=cmd_policies)
     p = sub.add_parser("envs", help="list environment families and games")

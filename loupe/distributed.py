@@ -22,6 +22,8 @@ log = logging.getLogger("loupe.distributed")
 
 #: restarts Ray grants a dead rollout actor before training gives up
 ACTOR_MAX_RESTARTS = 3
+#: how long a lost batch waits for its restarting actor
+ACTOR_RESTART_WAIT_S = 120
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -37,9 +39,14 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         "configure_logging": False,
     }
     if address:
+        if address != "auto":
+            check_reachable(address)
         kwargs["address"] = address
-    elif num_cpus is not None:
-        kwargs["num_cpus"] = num_cpus
+    else:
+        # a local Ray for this process only, on loopback
+        kwargs["_node_ip_address"] = "127.0.0.1"
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -47,6 +54,23 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         raise LoupeError(
             f"cannot reach Ray at {address!r} ({first}); start one with `ray start --head` "
             "or leave out --ray-address for a local Ray"
+        ) from None
+
+
+def check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Fail fast on an address nothing listens on (ray.init would retry for minutes)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return
+    except ValueError:
+        raise LoupeError(f"--ray-address {address!r} is not HOST:PORT") from None
+    except OSError as exc:
+        raise LoupeError(
+            f"cannot reach Ray at {address} ({exc.strerror or exc}); start it with "
+            "`ray start --head` or leave out --ray-address for a local Ray"
         ) from None
 
 
@@ -151,32 +175,12 @@ class RaySampler:
         return actor.rollout.remote(self.num_steps)
 
     def collect(self):
-        import ray
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
         assert self.pending is not None
         t0 = time.perf_counter()
         parts = []
         for i, ref in enumerate(self.pending):
-            for attempt in range(ACTOR_MAX_RESTARTS + 1):
-                try:
-                    parts.append(ray.get(ref))
-                    break
-                except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
-                    self.actor_failures += 1
-                    log.warning(
-                        "rollout actor %d lost its batch (%s); relaunching (%d/%d)",
-                        i,
-                        type(exc).__name__,
-                        attempt + 1,
-                        ACTOR_MAX_RESTARTS,
-                    )
-                    if attempt == ACTOR_MAX_RESTARTS:
-                        raise LoupeError(
-                            f"rollout actor {i} died {ACTOR_MAX_RESTARTS + 1} times; the last "
-                            "checkpoint is kept: check the actor logs, then `loupe train --resume`"
-                        ) from None
-                    ref = self._launch_one(i)
+            parts.append(self._get_batch(i, ref))
         self.pending = None
         if self.lag >= 1:
             self._launch()  # overlap: the next batch samples while the learner updates
@@ -185,6 +189,36 @@ class RaySampler:
             "wait_s": time.perf_counter() - t0,
             "actor_failures": float(self.actor_failures),
         }
+
+    def _get_batch(self, i: int, ref):
+        """The batch of actor ``i``; a lost batch is sampled again once Ray has restarted the actor."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        deaths = 0
+        deadline = time.monotonic() + ACTOR_RESTART_WAIT_S
+        while True:
+            try:
+                return ray.get(ref)
+            except ActorUnavailableError:
+                # restarting (its constructor builds the envs again): wait, bounded, and resubmit
+                if time.monotonic() > deadline:
+                    raise LoupeError(
+                        f"rollout actor {i} did not come back within {ACTOR_RESTART_WAIT_S} s; "
+                        "the last checkpoint is kept: `loupe train --resume` continues"
+                    ) from None
+                time.sleep(0.5)
+            except RayActorError as exc:
+                deaths += 1
+                if deaths > ACTOR_MAX_RESTARTS:
+                    raise LoupeError(
+                        f"rollout actor {i} died {deaths} times; the last checkpoint is kept: "
+                        "check the actor logs, then `loupe train --resume`"
+                    ) from None
+                log.warning("rollout actor %d lost its batch (%s); sampling it again",
+                            i, type(exc).__name__)  # fmt: skip
+            self.actor_failures += 1
+            ref = self._launch_one(i)
 
     def close(self) -> None:
         import ray
