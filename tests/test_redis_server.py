@@ -12,6 +12,8 @@ import time
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from loupe.errors import LoupeError
 from loupe.redis_server import RedisServer, find_redis_server, free_port, saved_url
@@ -35,7 +37,7 @@ def test_private_server_with_saved_password(tmp_path):
         assert info == {"host": "127.0.0.1", "port": srv.port, "password": srv.password}
         assert saved_url(srv.data_dir) == srv.url
         with pytest.raises(redis.exceptions.AuthenticationError):
-            redis.Redis(host=srv.host, port=srv.port).ping()
+            redis.Redis(host=srv.host, port=srv.port, retry=Retry(NoBackoff(), 0)).ping()
         client = redis.Redis.from_url(srv.url, decode_responses=True)
         assert client.config_get("appendonly") == {"appendonly": "yes"}
         assert client.config_get("appendfsync") == {"appendfsync": "always"}
