@@ -109,6 +109,9 @@ class RedisServerConfig:
     start_timeout: float = 10.0
     #: AOF fsync policy; "always" so that an acknowledged XADD is on disk (see RedisServer.start)
     appendfsync: str = "always"
+    #: a server still running over this data dir (left by a killed process; it knows our password)
+    #: is shut down and replaced; False: refuse to start
+    take_over: bool = True
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -140,9 +143,10 @@ class RedisServer:
         password: str | None = None,
         start_timeout: float = 10.0,
         appendfsync: str = "always",
+        take_over: bool = True,
     ):
         self.config = RedisServerConfig(
-            Path(data_dir), bind, port, password, start_timeout, appendfsync
+            Path(data_dir), bind, port, password, start_timeout, appendfsync, take_over
         )
         saved = read_info(self.config.data_dir)
         if password is not None:
@@ -236,14 +240,29 @@ class RedisServer:
         return self
 
     def _choose_port(self) -> None:
-        """Refuse a second server over the same data; move off a saved port someone else took."""
+        """Never two servers over one AOF; move off a saved port someone else took."""
         if self._answers():
-            raise LoupeError(
-                f"a redis-server for {self.data_dir} already runs on {self.host}:{self.port}; "
-                f"connect to it (password in {self.info_path}) or stop it first"
-            )
+            self._take_over()
         if not port_is_free(self.bind, self.port) and self.config.port is None:
             self.port = free_port(self.host)
+
+    def _take_over(self) -> None:
+        """Shut down the server already running over our data (it answered to our password)."""
+        where = f"{self.host}:{self.port}"
+        if not self.config.take_over:
+            raise LoupeError(
+                f"a redis-server for {self.data_dir} already runs on {where}; "
+                f"connect to it (password in {self.info_path}) or stop it first"
+            )
+        self._shutdown()  # it flushes its AOF before exiting
+        deadline = time.monotonic() + self.config.start_timeout
+        while self._answers() or not port_is_free(self.bind, self.port):
+            if time.monotonic() > deadline:
+                raise LoupeError(
+                    f"the redis-server left running on {where} over {self.data_dir} did not shut "
+                    "down; stop it (kill its process) and try again"
+                )
+            time.sleep(0.05)
 
     def _answers(self) -> bool:
         """True if a server with this password answers PING on our port (it is ours)."""

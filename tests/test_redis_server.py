@@ -20,11 +20,23 @@ from loupe.redis_server import RedisServer, find_redis_server, free_port, saved_
 
 
 def gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for a parent that is not us counts as exited)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return gone(pid)
 
 
 @pytest.mark.integration
@@ -67,11 +79,18 @@ def test_kill_then_restart_keeps_port_password_and_data(tmp_path):
 
 
 @pytest.mark.integration
-def test_second_server_over_the_same_data_is_refused(tmp_path):
+def test_never_two_servers_over_one_data_dir(tmp_path):
     with RedisServer(tmp_path / "redis") as srv:
         with pytest.raises(LoupeError, match="already runs on"):
-            RedisServer(tmp_path / "redis").start()
+            RedisServer(tmp_path / "redis", take_over=False).start()
         assert srv.alive()
+        redis.Redis.from_url(srv.url).set("k", "v")
+        # the default takes over a server left running (by a killed learner, say): it is shut
+        # down cleanly and the new one replays its AOF on the same port
+        with RedisServer(tmp_path / "redis") as heir:
+            srv.process.wait(5)
+            assert heir.port == srv.port and heir.pid != srv.pid
+            assert redis.Redis.from_url(heir.url).get("k") == b"v"
 
 
 @pytest.mark.integration
@@ -113,11 +132,23 @@ def test_server_dies_with_the_process_that_forgot_to_stop_it(tmp_path):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    pid = int(out.stdout.split()[-1])
-    deadline = time.monotonic() + 5
-    while not gone(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert gone(pid)
+    assert wait_gone(int(out.stdout.split()[-1]))
+
+
+@pytest.mark.integration
+def test_server_orphaned_by_a_killed_process_is_taken_over(tmp_path):
+    code = (
+        "import os, signal, sys; from loupe.redis_server import RedisServer; "
+        "print(RedisServer(sys.argv[1]).start().pid, flush=True); os.kill(os.getpid(), 9)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "redis")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    orphan = int(out.stdout.split()[-1])
+    assert out.returncode == -9 and not gone(orphan)  # SIGKILL: no atexit, the server lives on
+    with RedisServer(tmp_path / "redis") as heir:
+        assert heir.alive() and wait_gone(orphan)
 
 
 @pytest.mark.unit
