@@ -121,7 +121,7 @@ class AtariVecEnv(VecEnv):
             use_fire_reset=config.fire_reset,
         )
         self.obs_shape = (config.frame_stack, FRAME_SIZE, FRAME_SIZE)
-        self.n_actions = int(self._env.single_action_space.n)
+        self.n_actions = int(self._env.single_action_space.n)  # type: ignore[attr-defined]
         self._returns = np.zeros(self.num_envs, dtype=np.float64)  # (N,) raw score of the game
         self._lengths = np.zeros(self.num_envs, dtype=np.int64)  # (N,) steps of the game
         self._lives = np.zeros(self.num_envs, dtype=np.int64)  # (N,) lives after the last step

@@ -66,7 +66,8 @@ class EnvConfig:
 
     Family options can be given as typed fields (``EnvConfig(id, num_levels=200)``) or in the
     ``options`` dict (``EnvConfig(id, options={"num_levels": 200})``); both end up in the typed
-    fields, and ``options`` is rewritten to the family options that differ from their defaults.
+    fields and ``options`` is emptied, so that the typed fields are the one record (and
+    ``dataclasses.replace`` works); ``changed_options()`` lists what differs from the defaults.
     Options of the other family must keep their defaults. ``family`` and ``game`` are derived.
     """
 
@@ -76,7 +77,8 @@ class EnvConfig:
     num_envs: int = 8
     #: base seed: ALE env i is seeded with seed + i; procgen draws its levels from it
     seed: int = 0
-    #: family options by name (the typed fields below); unknown names are an error
+    #: family options by name, moved into the typed fields below (then empty); unknown names are
+    #: an error, and so is a name also given as a typed field with another value
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     # -- ALE -----------------------------------------------------------------------------------
     #: probability of repeating the previous action (v5 default 0.25; the seed papers used 0)
@@ -128,11 +130,7 @@ class EnvConfig:
         self._check_foreign_defaults()
         self._check_option_types()
         _family_module(self.family).check_config(self)
-        self.options = {
-            f.name: getattr(self, f.name)
-            for f in option_fields(self.family)
-            if getattr(self, f.name) != f.default
-        }
+        self.options = {}
 
     def _check_basics(self) -> None:
         if not isinstance(self.env_id, str):
@@ -186,6 +184,14 @@ class EnvConfig:
                 raise LoupeError(f"option {f.name} must be {kind}, got {value!r}")
             if isinstance(f.default, float):
                 setattr(self, f.name, float(value))
+
+    def changed_options(self) -> dict[str, Any]:
+        """The family options that differ from their defaults, e.g. ``{"num_levels": 200}``."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in option_fields(self.family)
+            if getattr(self, f.name) != f.default
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the init fields (``family`` and ``game`` are derived)."""

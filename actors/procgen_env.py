@@ -104,7 +104,7 @@ def check_config(cfg: EnvConfig) -> None:
         raise LoupeError("action_set=article is defined for procgen:coinrun only; use 'full'")
 
 
-def read_state_header(state: bytes) -> dict[str, Any]:
+def read_state_header(state: bytes | bytearray) -> dict[str, Any]:
     """The leading game fields of a procgen ``get_state()`` (version, name, timeout, cur_time...)."""
     out: dict[str, Any] = {}
     pos = 0

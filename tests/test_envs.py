@@ -87,8 +87,12 @@ def test_options_dict_and_typed_fields_are_one_thing():
     a = coinrun(options={"num_levels": 200, "distribution_mode": "easy"})
     b = coinrun(num_levels=200, distribution_mode="easy")
     assert a == b and a.num_levels == 200 and a.distribution_mode == "easy"
-    assert b.options == {"num_levels": 200, "distribution_mode": "easy"}  # the non-defaults
-    assert coinrun(options={"num_levels": 0}).options == {}
+    assert a.options == {} and a.changed_options() == {
+        "num_levels": 200,
+        "distribution_mode": "easy",
+    }
+    assert coinrun(options={"num_levels": 0}).changed_options() == {}
+    assert dataclasses.replace(a, num_levels=5).num_levels == 5
     # JSON round trip (loupe.config) and back through keyword arguments (probes, bench)
     assert from_dict(EnvConfig, to_dict(a)) == a
     kwargs = {k: v for k, v in to_dict(a).items() if k != "env_id"}
