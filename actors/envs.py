@@ -1,204 +1,362 @@
 """Vector environments for Atari (ale-py) and procgen, behind one small interface.
 
-    env = make_vec_env(EnvConfig(env_id="procgen:coinrun", num_envs=8, seed=0, num_levels=200))
+    env = make_vec_env(EnvConfig("procgen:coinrun", num_envs=8, seed=0, options={"num_levels": 200}))
     obs = env.reset()                                  # (N, C, H, W) uint8
-    obs, reward, done, episodes = env.step(actions)    # auto-reset inside step
+    obs, reward, done, episodes = env.step(actions)    # actions (N,) int64; auto-reset inside step
+    env.close()
 
-``done[i]`` means env i's episode ended with this step; ``obs[i]`` is then already the first frame of
-the next episode. ``episodes`` lists an ``EpisodeRecord`` for each episode that ended.
+``done[i]`` means env i's episode ended with this step; ``obs[i]`` is then already the first
+observation of the next episode. ``episodes`` holds an ``EpisodeRecord`` per episode that ended.
+
+An environment id names its family: ``ALE/<Game>-v5`` or ``procgen:<game>``.
+``list_env_families()`` and ``list_games(family)`` say what exists. Each family lives in its own
+module (``actors.atari``, ``actors.procgen_env``) that provides ``list_games()``,
+``resolve_game(name, env_id)``, ``check_config(cfg)`` and the ``VecEnv`` class ``VEC_ENV``.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-import re
+import difflib
+import importlib
+import time
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from loupe.errors import LoupeError
 
-PROCGEN_GAMES = (
-    "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
-    "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot",
-)  # fmt: skip
-
-#: procgen's episode time limit per game; an episode reaching it without completing is a timeout
-PROCGEN_TIMEOUT = 1000
-
-#: the article's 9 CoinRun actions [(), R, L, U, R+U, L+U, D, A, B] as procgen action indices
-#: (procgen combos: 0 LEFT+DOWN, 1 LEFT, 2 LEFT+UP, 3 DOWN, 4 noop, 5 UP, 6 RIGHT+DOWN, 7 RIGHT,
-#: 8 RIGHT+UP, 9 D, 10 A, 11 W, 12 S, 13 Q, 14 E)
-ARTICLE_ACTIONS = (4, 7, 1, 5, 8, 2, 3, 10, 11)
-
-FAMILIES = {
-    "ALE": "Atari 2600 games through ale-py, e.g. ALE/Breakout-v5",
-    "procgen": "procgen games, e.g. procgen:coinrun",
+#: family name -> (id prefix, example id, module with the family's games and vector env)
+FAMILIES: dict[str, tuple[str, str, str]] = {
+    "ALE": ("ALE/", "ALE/Breakout-v5", "actors.atari"),
+    "procgen": ("procgen:", "procgen:coinrun", "actors.procgen_env"),
 }
 
 
-@dataclasses.dataclass
-class EpisodeRecord:
-    """One finished episode."""
+def _family_module(family: str) -> ModuleType:
+    return importlib.import_module(FAMILIES[family][2])
 
+
+def _option(family: str, default: Any) -> Any:
+    """A typed option field that only applies to ``family``'s environments."""
+    return dataclasses.field(default=default, metadata={"family": family})
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeRecord:
+    """One finished episode of one environment."""
+
+    #: which environment of the vector env (0 .. N-1)
     env_index: int
-    #: raw game score of the whole episode (Atari: until game over, unclipped)
+    #: raw (unclipped) score of the whole episode; Atari: the whole game, even with episodic life
     ret: float
+    #: agent steps in the episode (Atari: the whole game)
     length: int
     #: procgen: "complete", "timeout" or "failure"; Atari: None
     outcome: str | None = None
-    #: procgen level seed of the episode; None for Atari
+    #: procgen: the seed of the level the episode ended on; Atari: None
     level_seed: int | None = None
 
 
 @dataclasses.dataclass
 class EnvConfig:
-    """Environment id and options; fields that do not apply to the env's family must stay default."""
+    """Which environment and how to build it.
 
-    #: "ALE/<Game>-v5" or "procgen:<game>"
+    Family options can be given as typed fields (``EnvConfig(id, num_levels=200)``) or in the
+    ``options`` dict (``EnvConfig(id, options={"num_levels": 200})``); both end up in the typed
+    fields and ``options`` is emptied, so that the typed fields are the one record (and
+    ``dataclasses.replace`` works); ``changed_options()`` lists what differs from the defaults.
+    Options of the other family must keep their defaults. ``family`` and ``game`` are derived.
+    """
+
+    #: "ALE/<Game>-v5" (e.g. ALE/Breakout-v5) or "procgen:<game>" (e.g. procgen:coinrun)
     env_id: str = "procgen:coinrun"
     #: environments stepped together
     num_envs: int = 8
-    #: base seed (env i gets seed + i where the family allows)
+    #: base seed: ALE env i is seeded with seed + i; procgen draws its levels from it
     seed: int = 0
-    # -- Atari ----------------------------------------------------------------------------------
+    #: family options by name, moved into the typed fields below (then empty); unknown names are
+    #: an error, and so is a name also given as a typed field with another value
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # -- ALE -----------------------------------------------------------------------------------
     #: probability of repeating the previous action (v5 default 0.25; the seed papers used 0)
-    sticky_actions: float = 0.25
-    #: end the learning episode at a life loss (returns still count the whole game)
-    episodic_life: bool = False
-    #: clip training rewards to their sign (episode returns stay raw)
-    clip_rewards: bool = True
-    #: random no-ops at reset
-    noop_max: int = 30
-    #: frames per action (max-pooled over the last two)
-    frame_skip: int = 4
-    #: frames stacked as channels
-    frame_stack: int = 4
-    #: press FIRE after reset in games that need it
-    fire_reset: bool = True
-    #: C++ threads of ale-py's vector env (0: one per env, capped at 4)
-    ale_threads: int = 0
-    # -- procgen ---------------------------------------------------------------------------------
+    sticky_actions: float = _option("ALE", 0.25)
+    #: a life loss ends the learning episode (done); EpisodeRecord still covers the whole game
+    episodic_life: bool = _option("ALE", False)
+    #: training reward is sign(reward); EpisodeRecord.ret stays the raw game score
+    clip_rewards: bool = _option("ALE", True)
+    #: at most this many random no-op frames after each game reset
+    noop_max: int = _option("ALE", 30)
+    #: emulator frames per agent step (the last two max-pooled)
+    frame_skip: int = _option("ALE", 4)
+    #: 84x84 grayscale frames stacked as channels
+    frame_stack: int = _option("ALE", 4)
+    #: press FIRE after a reset in games that need it to start
+    fire_reset: bool = _option("ALE", True)
+    #: emulator frames after which a game is cut off (truncated; v5 default 108000 = 30 min)
+    max_episode_frames: int = _option("ALE", 108_000)
+    #: C++ threads of ale-py's vector env (0: one per usable CPU core, never more than num_envs)
+    ale_threads: int = _option("ALE", 0)
+    # -- procgen -------------------------------------------------------------------------------
     #: number of distinct levels (0: unbounded)
-    num_levels: int = 0
-    #: first level seed
-    start_level: int = 0
-    #: "easy", "hard", "extreme", "memory" or "exploration"
-    distribution_mode: str = "hard"
-    use_sequential_levels: bool = False
-    paint_vel_info: bool = False
-    use_backgrounds: bool = True
-    restrict_themes: bool = False
-    use_monochrome_assets: bool = False
-    center_agent: bool = True
-    #: procgen worker threads (0: step in the caller's thread; required inside Ray actors)
-    num_threads: int = 0
-    #: "full" (15 procgen actions) or "article" (the 9 actions of Understanding RL Vision)
-    action_set: str = "full"
+    num_levels: int = _option("procgen", 0)
+    #: the lowest level seed
+    start_level: int = _option("procgen", 0)
+    #: "easy", "hard", "extreme", "memory" or "exploration" (not every game has every mode)
+    distribution_mode: str = _option("procgen", "hard")
+    #: a completed level is followed by the next seed in the same episode (a failure ends it)
+    use_sequential_levels: bool = _option("procgen", False)
+    #: paint the agent's velocity onto the frame
+    paint_vel_info: bool = _option("procgen", False)
+    #: draw background images
+    use_backgrounds: bool = _option("procgen", True)
+    #: a single theme per asset kind
+    restrict_themes: bool = _option("procgen", False)
+    #: monochrome rectangles instead of textured assets
+    use_monochrome_assets: bool = _option("procgen", False)
+    #: the camera follows the agent
+    center_agent: bool = _option("procgen", True)
+    #: procgen worker threads (0: step in the caller's thread; keep 0 inside Ray actors)
+    num_threads: int = _option("procgen", 0)
+    #: "full" (the 15 procgen actions) or "article" (CoinRun's 9 actions of Understanding RL Vision)
+    action_set: str = _option("procgen", "full")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        self._check_basics()
         self.family, self.game = parse_env_id(self.env_id)
+        self._apply_options()
+        self._check_foreign_defaults()
+        self._check_option_types()
+        _family_module(self.family).check_config(self)
+        self.options = {}
+
+    def _check_basics(self) -> None:
+        if not isinstance(self.env_id, str):
+            raise LoupeError(
+                f"env_id must be a string such as procgen:coinrun, not {self.env_id!r}"
+            )
+        for name in ("num_envs", "seed"):
+            if not _is_int(getattr(self, name)):
+                raise LoupeError(f"{name} must be an integer, got {getattr(self, name)!r}")
         if self.num_envs <= 0:
             raise LoupeError(f"num_envs must be positive, got {self.num_envs}")
-        if self.family == "procgen":
-            if self.distribution_mode not in ("easy", "hard", "extreme", "memory", "exploration"):
-                raise LoupeError(
-                    f"unknown distribution_mode {self.distribution_mode!r}; "
-                    "use easy, hard, extreme, memory or exploration"
-                )
-            if self.action_set not in ("full", "article"):
-                raise LoupeError(f"action_set must be 'full' or 'article', not {self.action_set!r}")
-            if self.action_set == "article" and self.game != "coinrun":
-                raise LoupeError("action_set=article is defined for procgen:coinrun only")
-            if self.num_levels < 0 or self.start_level < 0:
-                raise LoupeError("num_levels and start_level must be >= 0")
-        else:
-            if not 0.0 <= self.sticky_actions <= 1.0:
-                raise LoupeError(f"sticky_actions must be in [0, 1], got {self.sticky_actions}")
-            if self.frame_skip <= 0 or self.frame_stack <= 0 or self.noop_max < 0:
-                raise LoupeError("frame_skip and frame_stack must be positive, noop_max >= 0")
-        self._check_family_fields()
-
-    def _check_family_fields(self) -> None:
-        atari = ("sticky_actions", "episodic_life", "clip_rewards", "noop_max", "frame_skip",
-                 "frame_stack", "fire_reset", "ale_threads")  # fmt: skip
-        procgen = ("num_levels", "start_level", "distribution_mode", "use_sequential_levels",
-                   "paint_vel_info", "use_backgrounds", "restrict_themes", "use_monochrome_assets",
-                   "center_agent", "num_threads", "action_set")  # fmt: skip
-        foreign = atari if self.family == "procgen" else procgen
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        wrong = [n for n in foreign if getattr(self, n) != fields[n].default]
-        if wrong:
+        if not 0 <= self.seed < 2**31:
+            raise LoupeError(f"seed must be in [0, 2**31), got {self.seed}")
+        if not isinstance(self.options, dict):
             raise LoupeError(
-                f"option(s) {', '.join(wrong)} do not apply to {self.family} environments"
+                f"options must be a dict of option names to values, not {self.options!r}"
             )
 
+    def _apply_options(self) -> None:
+        """Move ``options`` into the typed fields; unknown names and conflicts are errors."""
+        mine = {f.name: f for f in option_fields(self.family)}
+        for name, value in self.options.items():
+            if name not in mine:
+                raise LoupeError(_unknown_option_message(name, self.family))
+            current, default = getattr(self, name), mine[name].default
+            if current != default and current != value:
+                raise LoupeError(
+                    f"option {name} given twice with different values ({current!r} and {value!r}); "
+                    "give it once"
+                )
+            setattr(self, name, value)
+
+    def _check_foreign_defaults(self) -> None:
+        wrong = [
+            f.name
+            for f in dataclasses.fields(self)
+            if f.metadata.get("family") not in (None, self.family)
+            and getattr(self, f.name) != f.default
+        ]
+        if wrong:
+            raise LoupeError(
+                f"option(s) {', '.join(wrong)} do not apply to {self.family} environments "
+                f"({self.env_id}); {self.family} options: {', '.join(option_names(self.family))}"
+            )
+
+    def _check_option_types(self) -> None:
+        for f in option_fields(self.family):
+            value = getattr(self, f.name)
+            if not _same_kind(value, f.default):
+                kind = _KIND_NAMES[type(f.default)]
+                raise LoupeError(f"option {f.name} must be {kind}, got {value!r}")
+            if isinstance(f.default, float):
+                setattr(self, f.name, float(value))
+
+    def changed_options(self) -> dict[str, Any]:
+        """The family options that differ from their defaults, e.g. ``{"num_levels": 200}``."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in option_fields(self.family)
+            if getattr(self, f.name) != f.default
+        }
+
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the init fields (``family`` and ``game`` are derived)."""
         return dataclasses.asdict(self)
 
 
-def parse_env_id(env_id: str) -> tuple[str, str]:
-    """'ALE/Breakout-v5' -> ('ALE', 'breakout'); 'procgen:coinrun' -> ('procgen', 'coinrun')."""
-    m = re.fullmatch(r"ALE/([A-Za-z0-9]+)-v5", env_id or "")
-    if m:
-        game = _ale_rom_name(m.group(1))
-        if game not in list_games("ALE"):
-            raise LoupeError(
-                f"unknown Atari game in {env_id!r}; `loupe envs` lists the {len(list_games('ALE'))} "
-                "ALE games"
-            )
-        return "ALE", game
-    if env_id and env_id.startswith("procgen:"):
-        game = env_id.split(":", 1)[1]
-        if game not in PROCGEN_GAMES:
-            raise LoupeError(
-                f"unknown procgen game {game!r}; choose one of: {', '.join(PROCGEN_GAMES)}"
-            )
-        return "procgen", game
-    raise LoupeError(
-        f"unknown environment id {env_id!r}; families: ALE/<Game>-v5 (e.g. ALE/Breakout-v5) and "
-        "procgen:<game> (e.g. procgen:coinrun); `loupe envs` lists the games"
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, (bool, np.bool_))
+    if isinstance(default, int):
+        return _is_int(value)
+    if isinstance(default, float):
+        return _is_int(value) or isinstance(value, (float, np.floating))
+    return isinstance(value, type(default))
+
+
+def option_fields(family: str) -> list[dataclasses.Field]:
+    """The typed EnvConfig fields that apply to ``family``."""
+    return [f for f in dataclasses.fields(EnvConfig) if f.metadata.get("family") == family]
+
+
+def option_names(family: str) -> list[str]:
+    """Names of the options of ``family`` (ALE or procgen)."""
+    return [f.name for f in option_fields(family)]
+
+
+def _unknown_option_message(name: str, family: str) -> str:
+    for other in FAMILIES:
+        if other != family and name in option_names(other):
+            return f"option {name} applies to {other} environments only, not {family}"
+    close = difflib.get_close_matches(name, option_names(family), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return (
+        f"unknown {family} option {name!r}{hint}; valid options: {', '.join(option_names(family))}"
     )
 
 
-def _ale_rom_name(camel: str) -> str:
-    """'MontezumaRevenge' -> 'montezuma_revenge' (ale-py's ROM naming)."""
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", camel).lower()
-
-
+# -- ids, families and games ---------------------------------------------------------------------
 def list_env_families() -> list[str]:
+    """The environment families: ``["ALE", "procgen"]``."""
     return list(FAMILIES)
 
 
 def list_games(family: str) -> list[str]:
-    if family == "procgen":
-        return list(PROCGEN_GAMES)
-    if family == "ALE":
-        import ale_py.roms
+    """Game names of ``family``, as they appear in ids: ``ALE/<name>-v5``, ``procgen:<name>``."""
+    if family not in FAMILIES:
+        raise LoupeError(
+            f"unknown environment family {family!r}; families: {', '.join(FAMILIES)} "
+            "(list_env_families())"
+        )
+    return list(_family_module(family).list_games())
 
-        return sorted(ale_py.roms.get_all_rom_ids())
-    raise LoupeError(f"unknown environment family {family!r}; families: {', '.join(FAMILIES)}")
+
+def parse_env_id(env_id: str) -> tuple[str, str]:
+    """-> (family, backend game name): 'ALE/Breakout-v5' -> ('ALE', 'breakout')."""
+    for family, (prefix, _, _) in FAMILIES.items():
+        if env_id.startswith(prefix):
+            return family, _family_module(family).resolve_game(env_id[len(prefix) :], env_id)
+    examples = ", ".join(f"{fam}: {ex}" for fam, (_, ex, _) in FAMILIES.items())
+    raise LoupeError(
+        f"unknown environment id {env_id!r}; families are {examples}; "
+        "list_env_families() and list_games(family) (or `loupe envs`) list the games"
+    )
 
 
-def make_vec_env(config: EnvConfig):
+def unknown_game_message(family: str, game: str, env_id: str, games: list[str]) -> str:
+    """One line for a game ``family`` does not have, with the closest names."""
+    lowered = {g.lower(): g for g in games}
+    close = difflib.get_close_matches(game.lower(), list(lowered), n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(lowered[c] for c in close)}?)" if close else ""
+    return (
+        f"unknown {family} game {game!r} in {env_id!r}{hint}; list_games({family!r}) "
+        f"(or `loupe envs`) lists the {len(games)} games"
+    )
+
+
+# -- vector envs ---------------------------------------------------------------------------------
+class VecEnv(abc.ABC):
+    """N environments stepped together; auto-reset happens inside ``step``.
+
+        obs = env.reset()                                # (N, C, H, W) uint8
+        obs, reward, done, episodes = env.step(actions)  # (N,) int64 actions in [0, n_actions)
+
+    ``reward`` is (N,) float32 (the training reward), ``done`` (N,) bool, ``episodes`` a list of
+    ``EpisodeRecord``. Observations may be strided views; copy them if you need contiguous memory.
+    """
+
+    #: (C, H, W) of one observation
+    obs_shape: tuple[int, int, int]
+    #: size of the discrete action space
+    n_actions: int
+    #: environments stepped together
+    num_envs: int
+
+    @abc.abstractmethod
+    def reset(self) -> np.ndarray:
+        """Start new episodes in every env -> observations (N, C, H, W) uint8."""
+
+    @abc.abstractmethod
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+        """-> (obs (N,C,H,W) uint8, reward (N,) f32, done (N,) bool, list[EpisodeRecord])."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Free the environments."""
+
+    @abc.abstractmethod
+    def _backend_step(self, actions: np.ndarray) -> Any:
+        """One step of the underlying library without this adapter (for benchmarks)."""
+
+    def level_seeds(self) -> np.ndarray:
+        """(N,) int64 seed of the level each env is playing now; -1 where there are no levels."""
+        return np.full(self.num_envs, -1, dtype=np.int64)
+
+    def _check_actions(self, actions: Any) -> np.ndarray:
+        a = np.asarray(actions)
+        if a.shape != (self.num_envs,) or not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(
+                f"expected ({self.num_envs},) integer actions, got {a.dtype} {a.shape}"
+            )
+        if a.size and (a.min() < 0 or a.max() >= self.n_actions):
+            raise ValueError(f"actions must be in [0, {self.n_actions}), got {a}")
+        return a
+
+    def __enter__(self) -> VecEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_vec_env(config: EnvConfig) -> VecEnv:
     """Build the vector env of ``config``'s family."""
-    if config.family == "procgen":
-        from actors.procgen_env import ProcgenVecEnv
-
-        return ProcgenVecEnv(config)
-    from actors.atari import AtariVecEnv
-
-    return AtariVecEnv(config)
+    return _family_module(config.family).VEC_ENV(config)
 
 
-def random_steps_per_s(env, steps: int, seed: int = 0) -> float:
-    """Raw env steps/s with uniformly random actions (for benchmarks)."""
-    import time
+def measure_env_sps(
+    config: EnvConfig, steps: int, *, backend: bool = False, warmup: int = 10, seed: int = 0
+) -> float:
+    """Environment steps per second (``steps * num_envs / seconds``) with random actions.
 
-    rng = np.random.default_rng(seed)
-    actions = rng.integers(0, env.n_actions, size=(steps, env.num_envs))
-    env.reset()
-    t0 = time.perf_counter()
-    for a in actions:
-        env.step(a)
-    return steps * env.num_envs / (time.perf_counter() - t0)
+    ``backend=True`` times the underlying library's own step (ale-py's ``AtariVectorEnv.step``,
+    procgen's ``act`` + ``observe``) instead of ``VecEnv.step``, to measure the adapter's cost.
+    """
+    if steps <= 0 or warmup < 0:
+        raise LoupeError(f"steps must be positive and warmup >= 0, got {steps} and {warmup}")
+    env = make_vec_env(config)
+    try:
+        rng = np.random.default_rng(seed)
+        actions = rng.integers(0, env.n_actions, size=(warmup + steps, env.num_envs))
+        env.reset()
+        step = env._backend_step if backend else env.step
+        for a in actions[:warmup]:
+            step(a)
+        t0 = time.perf_counter()
+        for a in actions[warmup:]:
+            step(a)
+        elapsed = time.perf_counter() - t0
+    finally:
+        env.close()
+    return steps * env.num_envs / elapsed

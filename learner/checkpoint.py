@@ -15,11 +15,12 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from learner.ppo import TrainState
@@ -30,6 +31,7 @@ _NAME = re.compile(r"ckpt-(\d{12})\.json$")
 
 
 def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -37,12 +39,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata=None) -> None:
+def _atomic_save(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     tmp.replace(path)
+    _fsync_dir(path.parent)
 
 
 def _atomic_json(data: dict[str, Any], path: Path) -> None:
@@ -52,28 +57,54 @@ def _atomic_json(data: dict[str, Any], path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (where the platform allows opening a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
+    """Where a run keeps its checkpoints."""
     return Path(run_dir) / "checkpoints"
 
 
 def save_checkpoint(
     run_dir: str | Path,
-    policy,
+    policy: Any,
     meta: dict[str, Any],
     train_state: TrainState | None = None,
     keep_last: int = 5,
     keep_every: int = 0,
 ) -> Path:
-    """Write a checkpoint for ``meta['step']`` -> path of its JSON file. Applies retention."""
+    """Write the checkpoint of ``meta['step']`` -> the path of its JSON file.
+
+    ``meta`` must hold ``step``; everything else in it (run_id, env, env_options, ...) is stored as
+    given. ``policy`` needs ``state_dict()`` and ``spec``. Retention afterwards keeps the newest
+    ``keep_last`` checkpoints plus every ``keep_every``-th one ever written (by write order, the
+    first is number 0); ``keep_last=0`` keeps everything.
+    """
+    if "step" not in meta:
+        raise ValueError("checkpoint meta needs a 'step'")
+    if keep_last < 0 or keep_every < 0:
+        raise LoupeError("keep_last and keep_every must be >= 0")
     directory = checkpoint_dir(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
     step = int(meta["step"])
     stem = directory / f"ckpt-{step:012d}"
+    json_path = stem.with_suffix(".json")
     weights = stem.with_suffix(".safetensors")
     _atomic_save(dict(policy.state_dict()), weights)
-    previous = list_checkpoints(run_dir)
     record = {
         **meta,
         "schema": SCHEMA,
@@ -83,17 +114,27 @@ def save_checkpoint(
         "weights": weights.name,
         "size": weights.stat().st_size,
         "sha256": sha256_file(weights),
-        "index": (_read_json(previous[-1]).get("index", 0) + 1) if previous else 0,
+        "index": _next_index(run_dir, json_path),
     }
     if train_state is not None:
         state_path = stem.with_suffix(".state.safetensors")
         _atomic_save(train_state.tensors, state_path, {"loupe": json.dumps(train_state.meta)})
-        record["state"] = state_path.name
-        record["state_sha256"] = sha256_file(state_path)
-    json_path = stem.with_suffix(".json")
-    _atomic_json(record, json_path)
+        record.update(
+            state=state_path.name,
+            state_size=state_path.stat().st_size,
+            state_sha256=sha256_file(state_path),
+        )
+    _atomic_json(record, json_path)  # last: its presence marks a complete checkpoint
     _apply_retention(run_dir, keep_last, keep_every)
     return json_path
+
+
+def _next_index(run_dir: str | Path, json_path: Path) -> int:
+    """Write-order number of a new checkpoint (a rewrite of the same step keeps its number)."""
+    if json_path.exists():
+        return int(_read_json(json_path).get("index", 0))
+    previous = list_checkpoints(run_dir)
+    return int(_read_json(previous[-1]).get("index", 0)) + 1 if previous else 0
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -105,16 +146,20 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """JSON file of the newest (highest-step) checkpoint of a run, or None."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
 
-def _apply_retention(run_dir, keep_last: int, keep_every: int) -> None:
+def _apply_retention(run_dir: str | Path, keep_last: int, keep_every: int) -> None:
     found = list_checkpoints(run_dir)
     if keep_last <= 0 or len(found) <= keep_last:
         return
     for path in found[:-keep_last]:
-        index = _read_json(path).get("index", 0)
+        try:
+            index = int(_read_json(path).get("index", 0))
+        except (LoupeError, TypeError, ValueError):
+            continue  # an unreadable checkpoint is left for a person to look at
         if keep_every and index % keep_every == 0:
             continue
         for suffix in (".safetensors", ".state.safetensors"):
@@ -156,10 +201,17 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     for key in ("step", "policy", "weights", "sha256", "size"):
         if key not in meta:
             raise LoupeError(f"{json_path}: checkpoint metadata lacks {key!r}")
+    if not isinstance(meta["policy"], dict) or "name" not in meta["policy"]:
+        raise LoupeError(f"{json_path}: checkpoint metadata has no policy name")
+    for key in ("weights", "state"):
+        name = meta.get(key)
+        if name is not None and (not isinstance(name, str) or Path(name).name != name or not name):
+            raise LoupeError(f"{json_path}: {key} must name a file next to the metadata")
     return meta
 
 
 def verify_file(path: Path, size: int | None, sha256: str) -> None:
+    """Refuse a missing file, a size other than ``size`` or a sha256 other than ``sha256``."""
     if not path.is_file():
         raise LoupeError(f"{path}: missing checkpoint file; the checkpoint is incomplete")
     actual_size = path.stat().st_size
@@ -175,10 +227,18 @@ def verify_file(path: Path, size: int | None, sha256: str) -> None:
         )
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu"):
-    """-> (policy, meta). Verifies size and sha256 before reading the weights."""
-    from attention import build_policy
+def load_checkpoint(
+    path: str | Path, build_policy: Callable[..., Any] | None = None, device: str = "cpu"
+) -> tuple[Any, dict[str, Any]]:
+    """A checkpoint (its .json or .safetensors) -> (policy, meta), size and sha256 verified first.
 
+    The policy is rebuilt with ``build_policy(name, obs_shape, n_actions, **options)`` from the
+    spec in the metadata (default: ``attention.build_policy``).
+    """
+    if build_policy is None:
+        from attention import build_policy as default_build
+
+        build_policy = default_build
     json_path = resolve(path)
     meta = read_meta(json_path)
     weights = json_path.with_name(meta["weights"])
@@ -191,7 +251,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
             int(spec["n_actions"]),
             **spec.get("options", {}),
         )
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise LoupeError(f"{json_path}: malformed policy spec ({exc})") from None
     try:
         state = load_file(str(weights), device=device)
@@ -211,7 +271,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     return policy.to(device), meta
 
 
-def _mismatch(policy, state) -> tuple[list[str], list[str]]:
+def _mismatch(policy: Any, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
     expected = set(policy.state_dict())
     return sorted(expected - set(state)), sorted(set(state) - expected)
 
@@ -223,10 +283,8 @@ def load_train_state(path: str | Path) -> TrainState:
     if "state" not in meta:
         raise LoupeError(f"{json_path}: this checkpoint has no training state; it cannot resume")
     state_path = json_path.with_name(meta["state"])
-    verify_file(state_path, None, meta["state_sha256"])
+    verify_file(state_path, meta.get("state_size"), meta["state_sha256"])
     try:
-        from safetensors import safe_open
-
         with safe_open(str(state_path), framework="pt") as f:
             info = json.loads(f.metadata()["loupe"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118

@@ -1,9 +1,15 @@
-"""The PPO loss (a pure function) and the learner that applies it to trajectory batches."""
+"""The PPO loss (a pure function) and the learner that applies it to trajectory batches.
+
+learner = PPOLearner(policy, PPOConfig.preset("atari-nikulin"), device="cuda")
+stats = learner.update(rollout)          # one batch: epochs x minibatches of Adam steps
+state = learner.state_dict()             # optimiser, counters, RNGs, reward normaliser
+learner.load_state_dict(state)           # the next update is then identical
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -11,33 +17,46 @@ from torch import nn
 
 from learner.config import PPOConfig
 from learner.gae import compute_gae
+from learner.reward_norm import RewardNormalizer
 from learner.rollout import Rollout
+from loupe.errors import LoupeError
+
+#: the per-sample fields of a flattened batch, all (B,)
+BATCH_KEYS = ("actions", "logprobs", "values", "advantages", "returns")
 
 
-def ppo_loss(out, mb: dict[str, torch.Tensor], clip_coef: float, cfg: PPOConfig):
-    """Clipped-surrogate PPO loss on one minibatch of B samples -> (loss, stats).
+class LossInput(Protocol):
+    """What ``ppo_loss`` reads from a policy's output (``attention.PolicyOutput`` fits)."""
 
-    ``out`` has ``logits`` (B, A), ``value`` (B,) and ``attention_entropy`` (B,) or None; ``mb`` has
-    ``actions``, ``logprobs``, ``values``, ``advantages``, ``returns``, all (B,).
+    logits: torch.Tensor  # (B, A)
+    value: torch.Tensor  # (B,)
+    attention_entropy: torch.Tensor | None  # (B,) or None
+
+
+def ppo_loss(
+    out: LossInput, mb: dict[str, torch.Tensor], clip_coef: float, cfg: PPOConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped-surrogate PPO loss on one minibatch of B samples -> (loss, detached stats).
+
+    ``mb`` holds ``actions``, ``logprobs`` (behaviour), ``values`` (behaviour), ``advantages`` and
+    ``returns``, all (B,). loss = policy_loss - ent_coef * entropy + vf_coef * value_loss
+    (+ attn_coef * mean attention entropy when attn_coef > 0).
     """
     logp_all = torch.log_softmax(out.logits, dim=-1)  # (B, A)
-    newlogp = logp_all.gather(1, mb["actions"][:, None]).squeeze(1)
+    newlogp = logp_all.gather(1, mb["actions"][:, None]).squeeze(1)  # (B,)
     entropy = -(logp_all.exp() * logp_all).sum(-1)  # (B,)
-    logratio = newlogp - mb["logprobs"]
+    logratio = newlogp - mb["logprobs"]  # (B,)
     ratio = logratio.exp()
     adv = mb["advantages"]
     if cfg.norm_adv:
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-    pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
-    value = out.value
-    if cfg.clip_vloss:
-        unclipped = (value - mb["returns"]) ** 2
-        v_clipped = mb["values"] + (value - mb["values"]).clamp(-clip_coef, clip_coef)
-        v_loss = 0.5 * torch.max(unclipped, (v_clipped - mb["returns"]) ** 2).mean()
-    else:
-        v_loss = 0.5 * ((value - mb["returns"]) ** 2).mean()
+    clipped_ratio = ratio.clamp(1 - clip_coef, 1 + clip_coef)
+    pg_loss = torch.max(-adv * ratio, -adv * clipped_ratio).mean()
+    v_loss = value_loss(out.value, mb, clip_coef if cfg.clip_vloss else None)
     loss = pg_loss - cfg.ent_coef * entropy.mean() + cfg.vf_coef * v_loss
-    stats = {}
+    stats: dict[str, torch.Tensor] = {}
+    if cfg.attn_coef > 0 and out.attention_entropy is None:
+        raise LoupeError("attn_coef > 0 needs a policy with attention; set attn_coef to 0")
     if out.attention_entropy is not None:
         attn_entropy = out.attention_entropy.mean()
         if cfg.attn_coef > 0:
@@ -48,74 +67,98 @@ def ppo_loss(out, mb: dict[str, torch.Tensor], clip_coef: float, cfg: PPOConfig)
             policy_loss=pg_loss.detach(),
             value_loss=v_loss.detach(),
             entropy=entropy.mean(),
-            approx_kl=((ratio - 1) - logratio).mean(),
+            approx_kl=((ratio - 1) - logratio).mean(),  # the low-variance k3 estimator
             clipfrac=((ratio - 1).abs() > clip_coef).float().mean(),
         )
     return loss, stats
 
 
-class RewardNormalizer:
-    """Scales rewards by the running std of each env's discounted return (no mean shift)."""
+def value_loss(
+    value: torch.Tensor, mb: dict[str, torch.Tensor], clip: float | None
+) -> torch.Tensor:
+    """0.5 * mean squared error; with ``clip``, the max of the unclipped and clipped errors."""
+    unclipped = (value - mb["returns"]) ** 2  # (B,)
+    if clip is None:
+        return 0.5 * unclipped.mean()
+    v_clipped = mb["values"] + (value - mb["values"]).clamp(-clip, clip)
+    return 0.5 * torch.max(unclipped, (v_clipped - mb["returns"]) ** 2).mean()
 
-    def __init__(self, num_envs: int, gamma: float, epsilon: float = 1e-8):
-        self.gamma, self.epsilon = gamma, epsilon
-        self.ret = np.zeros(num_envs, dtype=np.float64)
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
 
-    def _update(self, x: np.ndarray) -> None:
-        b_mean, b_var, b_count = float(x.mean()), float(x.var()), x.size
-        delta, total = b_mean - self.mean, self.count + b_count
-        m2 = self.var * self.count + b_var * b_count + delta**2 * self.count * b_count / total
-        self.mean, self.var, self.count = self.mean + delta * b_count / total, m2 / total, total
-
-    def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
-        """(T, N) rewards in time order -> scaled rewards; state carries over between calls."""
-        out = np.empty_like(rewards, dtype=np.float32)
-        for t in range(rewards.shape[0]):
-            self.ret = self.ret * self.gamma + rewards[t]
-            self._update(self.ret)
-            out[t] = rewards[t] / np.sqrt(self.var + self.epsilon)
-            self.ret[dones[t]] = 0.0
-        return out
-
-    def state(self) -> dict[str, Any]:
-        return {"ret": self.ret.tolist(), "mean": self.mean, "var": self.var, "count": self.count}
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.ret = np.asarray(state["ret"], dtype=np.float64)
-        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+def explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
+    """1 - Var(target - pred) / Var(target); NaN where the target is constant."""
+    var = float(np.var(target))
+    return float("nan") if var == 0 else 1.0 - float(np.var(target - pred)) / var
 
 
 @dataclasses.dataclass
 class TrainState:
     """What a resumed run needs besides the weights: tensors plus JSON-ready metadata."""
 
+    #: optimiser moments and RNG states
     tensors: dict[str, torch.Tensor]
+    #: counters, optimiser hyper-parameters, numpy RNG position, reward normaliser
     meta: dict[str, Any]
 
 
 class PPOLearner:
     """Owns the optimiser; ``update(rollout)`` runs epochs x minibatches of PPO on one batch."""
 
-    def __init__(self, policy: nn.Module, cfg: PPOConfig, device: str = "cpu"):
+    def __init__(self, policy: nn.Module, cfg: PPOConfig, device: str | torch.device = "cpu"):
+        if cfg.attn_coef > 0 and not getattr(policy, "has_attention", False):
+            name = getattr(policy, "spec", {}).get("name", type(policy).__name__)
+            raise LoupeError(
+                f"attn_coef={cfg.attn_coef} needs a policy with attention, and {name} has none; "
+                "set attn_coef to 0 or choose an attention policy"
+            )
         self.cfg = cfg
         self.device = torch.device(device)
         self.policy = policy.to(self.device)
         self.optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # minibatch order only
         self.normalizer = (
-            RewardNormalizer(cfg.num_envs, cfg.gamma) if cfg.normalize_rewards else None
+            RewardNormalizer(cfg.num_envs, cfg.reward_gamma, cfg.reward_clip)
+            if cfg.normalize_rewards
+            else None
         )
+        #: environment steps trained on so far
         self.global_step = 0
+        #: updates done so far (drives the annealing schedules)
         self.update_index = 0
 
-    def _schedule(self) -> tuple[float, float]:
+    def schedule(self) -> tuple[float, float]:
+        """(lr, clip_coef) for the next update: linear annealing by update index."""
         frac = max(0.0, 1.0 - self.update_index / self.cfg.num_updates)
         lr = self.cfg.lr * frac if self.cfg.anneal_lr else self.cfg.lr
         clip = self.cfg.clip_coef * frac if self.cfg.anneal_clip else self.cfg.clip_coef
         return lr, max(clip, 1e-8)
 
     def update(self, rollout: Rollout) -> dict[str, float]:
+        """One PPO update on ``rollout`` -> mean stats over its minibatches, plus lr, clip_coef,
+        explained_variance."""
+        self._check(rollout)
+        obs, flat = self._flatten(rollout)
+        lr, clip = self.schedule()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        result = self._epochs(obs, flat, clip)
+        self.global_step += rollout.actions.size
+        self.update_index += 1
+        result["explained_variance"] = explained_variance(
+            flat["values"].cpu().numpy(), flat["returns"].cpu().numpy()
+        )
+        result["lr"], result["clip_coef"] = lr, clip
+        return result
+
+    def _check(self, rollout: Rollout) -> None:
+        cfg = self.cfg
+        if rollout.actions.shape != (cfg.num_steps, cfg.num_envs):
+            raise LoupeError(
+                f"rollout of {rollout.actions.shape} (steps, envs) does not match the PPO config "
+                f"({cfg.num_steps}, {cfg.num_envs}); sample num_steps from num_envs envs"
+            )
+
+    def _flatten(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """GAE on the (T, N) arrays, then (B = T*N) tensors on the learner's device."""
         cfg = self.cfg
         rewards = rollout.rewards
         if self.normalizer is not None:
@@ -123,46 +166,48 @@ class PPOLearner:
         adv, ret = compute_gae(
             rewards, rollout.values, rollout.dones, rollout.last_value, cfg.gamma, cfg.gae_lambda
         )
-        batch = rollout.actions.size
-        obs = torch.from_numpy(rollout.obs.reshape(batch, *rollout.obs.shape[2:]))
-        flat = {
-            "actions": torch.from_numpy(rollout.actions.reshape(batch)),
-            "logprobs": torch.from_numpy(rollout.logprobs.reshape(batch)),
-            "values": torch.from_numpy(rollout.values.reshape(batch)),
-            "advantages": torch.from_numpy(adv.reshape(batch)),
-            "returns": torch.from_numpy(ret.reshape(batch)),
+        b = rollout.actions.size
+        arrays = {
+            "actions": rollout.actions.astype(np.int64),
+            "logprobs": rollout.logprobs.astype(np.float32),
+            "values": rollout.values.astype(np.float32),
+            "advantages": adv,
+            "returns": ret,
         }
-        lr, clip = self._schedule()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        mb_size = batch // cfg.num_minibatches
-        sums: dict[str, float] = {}
+        flat = {k: torch.from_numpy(v.reshape(b)).to(self.device) for k, v in arrays.items()}
+        obs = torch.from_numpy(rollout.obs.reshape(b, *rollout.obs.shape[2:])).to(self.device)
+        return obs, flat  # (B, C, H, W), {key: (B,)}
+
+    def _epochs(
+        self, obs: torch.Tensor, flat: dict[str, torch.Tensor], clip: float
+    ) -> dict[str, float]:
+        cfg = self.cfg
+        batch, mb_size = obs.shape[0], cfg.minibatch_size
+        sums: dict[str, torch.Tensor] = {}
         count = 0
         self.policy.train()
         for _ in range(cfg.update_epochs):
-            order = torch.randperm(batch, generator=self.generator)
-            for start in range(0, batch - mb_size + 1, mb_size):
-                idx = order[start : start + mb_size]
-                mb = {k: v[idx].to(self.device) for k, v in flat.items()}
-                out = self.policy(obs[idx].to(self.device))
-                loss, stats = ppo_loss(out, mb, clip, cfg)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                stats["grad_norm"] = grad_norm
+            order = torch.randperm(batch, generator=self.generator).to(self.device)  # (B,)
+            for start in range(0, batch, mb_size):
+                idx = order[start : start + mb_size]  # (b,)
+                stats = self._step(obs[idx], {k: v[idx] for k, v in flat.items()}, clip)
                 for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    sums[k] = sums[k] + v if k in sums else v
                 count += 1
-        self.global_step += batch
-        self.update_index += 1
-        result = {k: v / count for k, v in sums.items()}
-        var_ret = float(np.var(ret))
-        result["explained_variance"] = (
-            float("nan") if var_ret == 0 else 1.0 - float(np.var(ret - rollout.values)) / var_ret
-        )
-        result["lr"], result["clip_coef"] = lr, clip
-        return result
+        return {k: float(v) / count for k, v in sums.items()}
+
+    def _step(
+        self, obs: torch.Tensor, mb: dict[str, torch.Tensor], clip: float
+    ) -> dict[str, torch.Tensor]:
+        """One Adam step on one minibatch -> its detached stats."""
+        loss, stats = ppo_loss(self.policy(obs), mb, clip, self.cfg)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        stats["grad_norm"] = nn.utils.clip_grad_norm_(
+            self.policy.parameters(), self.cfg.max_grad_norm
+        ).detach()
+        self.optimizer.step()
+        return stats
 
     # -- resuming ----------------------------------------------------------------------------------
     def state_dict(self) -> TrainState:
@@ -178,19 +223,22 @@ class PPOLearner:
                     scalars.setdefault(str(idx), {})[key] = value
         tensors["rng.generator"] = self.generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
-        np_state = np.random.get_state()
-        tensors["rng.numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        tensors["rng.numpy_keys"] = torch.from_numpy(np.asarray(keys).astype(np.int64))
         meta = {
             "global_step": self.global_step,
             "update_index": self.update_index,
             "param_groups": opt["param_groups"],
             "optim_scalars": scalars,
-            "numpy_rng": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "numpy_rng": [kind, int(pos), int(has_gauss), float(cached)],
             "normalizer": self.normalizer.state() if self.normalizer else None,
         }
         return TrainState(tensors, meta)
 
     def load_state_dict(self, state: TrainState) -> None:
+        """Restore what ``state_dict`` captured; the next update is then bit-identical."""
         t, meta = state.tensors, state.meta
         opt_state: dict[int, dict[str, Any]] = {}
         for name, value in t.items():
@@ -199,9 +247,16 @@ class PPOLearner:
                 opt_state.setdefault(int(idx), {})[key] = value
         for idx, scalars in meta["optim_scalars"].items():
             opt_state.setdefault(int(idx), {}).update(scalars)
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+        try:
+            self.optimizer.load_state_dict(
+                {"state": opt_state, "param_groups": meta["param_groups"]}
+            )
+        except ValueError as exc:
+            raise LoupeError(f"saved optimiser state does not fit this policy ({exc})") from None
         self.generator.set_state(t["rng.generator"])
         torch.set_rng_state(t["rng.torch"])
+        if "rng.cuda" in t and self.device.type == "cuda":
+            torch.cuda.set_rng_state(t["rng.cuda"], self.device)
         kind, pos, has_gauss, cached = meta["numpy_rng"]
         keys = t["rng.numpy_keys"].numpy().astype(np.uint32)
         np.random.set_state((kind, keys, pos, has_gauss, cached))

@@ -11,16 +11,27 @@ import numpy as np
 class Rollout:
     """T steps of N environments collected with one policy version."""
 
-    obs: np.ndarray  # (T, N, C, H, W) uint8
-    actions: np.ndarray  # (T, N) int64
-    logprobs: np.ndarray  # (T, N) float32, behaviour log-probabilities
-    values: np.ndarray  # (T, N) float32, behaviour value estimates
-    rewards: np.ndarray  # (T, N) float32
-    dones: np.ndarray  # (T, N) bool: the episode ended with step t
-    last_obs: np.ndarray  # (N, C, H, W) uint8, the observation after the last step
-    last_value: np.ndarray  # (N,) float32, V(last_obs)
-    level_seeds: np.ndarray  # (T, N) int64, procgen level seed (-1 where unknown)
+    #: (T, N, C, H, W) uint8 observations, obs[t] is the input of step t
+    obs: np.ndarray
+    #: (T, N) int64 actions taken
+    actions: np.ndarray
+    #: (T, N) float32 behaviour log-probabilities of the actions
+    logprobs: np.ndarray
+    #: (T, N) float32 behaviour value estimates V(obs[t])
+    values: np.ndarray
+    #: (T, N) float32 training rewards
+    rewards: np.ndarray
+    #: (T, N) bool: the episode ended with step t (obs[t + 1] starts the next one)
+    dones: np.ndarray
+    #: (N, C, H, W) uint8 observation after the last step
+    last_obs: np.ndarray
+    #: (N,) float32 V(last_obs), the bootstrap value
+    last_value: np.ndarray
+    #: (T, N) int64 procgen level seed of each step (-1 where unknown)
+    level_seeds: np.ndarray
+    #: version of the weights that sampled this batch
     policy_version: int = 0
+    #: actors.EpisodeRecord of every episode that ended inside the batch
     episodes: list = dataclasses.field(default_factory=list)
 
     @property

@@ -8,85 +8,132 @@
         else: handle(d.announcement); bus.ack("probes", d.entry_id)
     bus.claim_stale("probes", "worker-2", min_idle_ms=30_000)   # a dead worker's entries
 
-Entries are flat string fields (never pickled). Streams keep entries while a follower is down,
-which pub/sub would drop; the server's AOF keeps them across a server crash.
+Keys of run ``R``: ``loupe:R:checkpoints`` (announcements), ``loupe:R:results`` (probe results),
+``loupe:R:rejected`` (entries a follower could not read, with the reason) and
+``loupe:R:done:<probe>:<sha256>`` (exactly-once marks). Entries are flat string fields (never
+pickled); result values are JSON. Streams keep entries while a follower is down, which pub/sub would
+drop; the server's AOF keeps them across a server crash.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from loupe.errors import LoupeError
 
-SCHEMA = 1
-
-
-def connect(url: str, timeout: float = 5.0):
-    """A redis client for ``url``, checked with PING; every failure is one LoupeError line."""
+if TYPE_CHECKING:
     import redis
+
+SCHEMA = 1
+REQUIRED = ("run_id", "step", "uri", "sha256", "policy", "env")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+# SET NX of the done mark and XADD of the result in one step: a result is recorded exactly once
+_RECORD_ONCE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+end
+return false
+"""
+
+
+def connect(url: str, timeout: float = 5.0) -> redis.Redis:
+    """A client for ``url`` (socket timeouts ``timeout`` s), checked with PING; failures are one
+    LoupeError line saying what to do."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     parsed = urlparse(url)
     if parsed.scheme not in ("redis", "rediss", "unix"):
         raise LoupeError(f"not a Redis URL: {url!r} (expected redis://[:password@]host:port/db)")
+    if timeout <= 0:
+        raise LoupeError(f"Redis timeout must be positive, got {timeout}")
     where = f"{parsed.hostname}:{parsed.port or 6379}" if parsed.hostname else url
+    kwargs = dict(socket_connect_timeout=timeout, socket_timeout=timeout, decode_responses=True)
+    # the check does not retry, so a wrong address fails at once; the client keeps the default
+    # retries for a server that restarts under a long-running follower
     try:
-        client = redis.Redis.from_url(
-            url, socket_connect_timeout=timeout, socket_timeout=timeout, decode_responses=True
+        probe = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **kwargs)
+        try:
+            probe.ping()
+        finally:
+            probe.close()
+    except (redis.exceptions.RedisError, OSError, ValueError) as exc:
+        raise LoupeError(_connect_error(exc, where, bool(parsed.password))) from None
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def _connect_error(exc: Exception, where: str, has_password: bool) -> str:
+    import redis
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, ValueError):
+        return (
+            f"not a valid Redis URL for {where} ({text}); expected redis://[:password@]host:port/db"
         )
-        client.ping()
-    except redis.exceptions.AuthenticationError:
-        if not parsed.password:
-            raise LoupeError(
-                f"Redis at {where} needs a password; pass redis://:PASSWORD@host:port/0"
-            ) from None
-        raise LoupeError(
+    needs_auth = isinstance(exc, redis.exceptions.AuthenticationError) or "NOAUTH" in text
+    if needs_auth and not has_password:
+        return f"Redis at {where} needs a password; pass redis://:PASSWORD@host:port/0"
+    if needs_auth or "WRONGPASS" in text:
+        return (
             f"Redis at {where} refused the password; pass the URL with the right password "
             "(redis://:PASSWORD@host:port/0)"
-        ) from None
-    except redis.exceptions.ResponseError as exc:
-        if "NOAUTH" in str(exc) or "AUTH" in str(exc).upper():
-            raise LoupeError(
-                f"Redis at {where} needs a password; pass redis://:PASSWORD@host:port/0"
-            ) from None
-        raise LoupeError(f"Redis at {where} answered with an error: {exc}") from None
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LoupeError(
-            f"cannot reach Redis at {where} ({first}); start it or leave out --redis for a "
-            "private server"
-        ) from None
-    return client
+        )
+    if isinstance(exc, redis.exceptions.ResponseError):
+        return f"Redis at {where} answered with an error: {text}"
+    return f"cannot reach Redis at {where} ({text}); start it or leave out --redis for a private server"
 
 
 @dataclasses.dataclass
 class CheckpointAnnouncement:
     """What a stream entry says about one checkpoint."""
 
+    #: run the checkpoint belongs to
     run_id: str
+    #: environment steps the learner had taken
     step: int
     #: where the checkpoint's JSON lies (a path or a URI)
     uri: str
-    #: sha256 of the checkpoint's weights file
+    #: sha256 of the checkpoint's weights file (64 lowercase hex digits)
     sha256: str
     #: policy registry name
     policy: str
     #: environment id
     env: str
+    #: entry layout version; readers refuse versions they do not know
     schema: int = SCHEMA
-    #: anything else, JSON-encoded
+    #: anything else, JSON-encoded into one field
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
-    #: wall-clock time of the announcement (seconds since the epoch)
+    #: wall-clock time of the announcement (seconds since the epoch; 0: stamped when published)
     announced: float = 0.0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
+            raise LoupeError(f"checkpoint step must be a non-negative int, got {self.step!r}")
+        if not SHA256.fullmatch(str(self.sha256)):
+            raise LoupeError(
+                f"checkpoint sha256 must be 64 lowercase hex digits, got {self.sha256!r}"
+            )
+        empty = [k for k in ("run_id", "uri", "policy", "env") if not getattr(self, k)]
+        if empty:
+            raise LoupeError(f"checkpoint announcement has empty {', '.join(empty)}")
+        if not isinstance(self.extras, dict):
+            raise LoupeError(
+                f"announcement extras must be a dict, got {type(self.extras).__name__}"
+            )
+
     def to_fields(self) -> dict[str, str]:
+        """Flat string fields for XADD."""
         return {
             "schema": str(self.schema),
             "run_id": self.run_id,
-            "step": str(int(self.step)),
+            "step": str(self.step),
             "uri": self.uri,
             "sha256": self.sha256,
             "policy": self.policy,
@@ -101,9 +148,7 @@ class CheckpointAnnouncement:
         schema = fields.get("schema")
         if schema != str(SCHEMA):
             raise ValueError(f"unknown schema {schema!r} (this loupe reads {SCHEMA})")
-        missing = [
-            k for k in ("run_id", "step", "uri", "sha256", "policy", "env") if k not in fields
-        ]
+        missing = [k for k in REQUIRED if k not in fields]
         if missing:
             raise ValueError(f"missing field(s) {', '.join(missing)}")
         try:
@@ -117,7 +162,7 @@ class CheckpointAnnouncement:
                 extras=json.loads(fields.get("extras") or "{}"),
                 announced=float(fields.get("announced") or 0.0),
             )
-        except (ValueError, json.JSONDecodeError) as exc:
+        except (ValueError, LoupeError) as exc:  # JSONDecodeError is a ValueError
             raise ValueError(f"malformed field ({exc})") from None
 
 
@@ -125,18 +170,26 @@ class CheckpointAnnouncement:
 class Delivery:
     """One entry handed to a follower: an announcement, or the reason it could not be read."""
 
+    #: stream entry id (acknowledge it with CheckpointBus.ack when handled)
     entry_id: str
+    #: the parsed announcement; None when the entry was rejected
     announcement: CheckpointAnnouncement | None = None
+    #: why the entry was rejected (it is already acknowledged and recorded in the rejected stream)
     error: str | None = None
 
 
 class CheckpointBus:
     """Streams ``loupe:<run>:checkpoints`` and ``loupe:<run>:results`` of one run."""
 
-    def __init__(self, client, run_id: str, maxlen: int = 10_000):
+    def __init__(self, client: redis.Redis, run_id: str, maxlen: int = 10_000):
+        if not run_id or any(c.isspace() for c in run_id):
+            raise LoupeError(f"run id {run_id!r} must be non-empty without spaces")
+        if maxlen < 1:
+            raise LoupeError(f"stream maxlen must be at least 1, got {maxlen}")
         self.client = client
         self.run_id = run_id
         self.maxlen = maxlen
+        self._record_once = client.register_script(_RECORD_ONCE)
 
     @property
     def checkpoints_key(self) -> str:
@@ -152,17 +205,25 @@ class CheckpointBus:
 
     # -- publishing -----------------------------------------------------------------------------
     def publish_checkpoint(self, announcement: CheckpointAnnouncement) -> str:
+        """XADD with MAXLEN ~ maxlen; returns the entry id."""
         return self.client.xadd(
             self.checkpoints_key, announcement.to_fields(), maxlen=self.maxlen, approximate=True
         )
 
     def publish_result(self, result: dict[str, Any]) -> str:
-        """Append a result; every value is JSON-encoded (read back with ``json.loads``)."""
-        fields = {k: json.dumps(v) for k, v in result.items()}
-        return self.client.xadd(self.results_key, fields, maxlen=self.maxlen, approximate=True)
+        """XADD a result; every value is stored as its JSON text."""
+        return self.client.xadd(
+            self.results_key, _json_fields(result), maxlen=self.maxlen, approximate=True
+        )
 
-    def read_results(self, count: int = 1000) -> list[tuple[str, dict[str, str]]]:
-        return self.client.xrange(self.results_key, count=count)
+    def read_results(
+        self, start: str = "-", count: int = 1000, decode: bool = False
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Results from entry ``start`` on (inclusive), oldest first; ``decode`` parses the JSON."""
+        entries = self.client.xrange(self.results_key, min=start, count=count)
+        if decode:
+            return [(i, {k: json.loads(v) for k, v in f.items()}) for i, f in entries]
+        return entries
 
     def announcements(self) -> list[tuple[str, CheckpointAnnouncement]]:
         """Every readable announcement still in the stream, oldest first."""
@@ -176,6 +237,8 @@ class CheckpointBus:
 
     # -- following ------------------------------------------------------------------------------
     def ensure_group(self, group: str, start: str = "0") -> None:
+        """Create the consumer group (and the stream) unless it exists; ``start`` "0": from the
+        first entry still in the stream, "$": only entries announced from now on."""
         import redis
 
         try:
@@ -187,13 +250,31 @@ class CheckpointBus:
     def follow(
         self, group: str, consumer: str, block_ms: int = 1000, count: int = 1
     ) -> list[Delivery]:
-        """This consumer's own unacknowledged entries first (after a restart), then new ones."""
-        entries = self._read(group, consumer, "0", count, None)
+        """This consumer's own unacknowledged entries first (after a restart), then new ones,
+        waiting at most ``block_ms`` (kept below the client's socket timeout) for them."""
+        if count < 1 or block_ms < 0:
+            raise LoupeError(f"follow needs count >= 1 and block_ms >= 0, got {count}, {block_ms}")
+        entries = self._read_own_pending(group, consumer, count)
         if not entries:
-            entries = self._read(group, consumer, ">", count, block_ms)
+            entries = self._read(group, consumer, ">", count, self._block(block_ms))
         return [self._deliver(group, entry_id, fields) for entry_id, fields in entries]
 
-    def _read(self, group, consumer, start, count, block):
+    def _block(self, block_ms: int) -> int:
+        """XREADGROUP BLOCK must end before the socket times out, or redis-py raises."""
+        timeout = self.client.connection_pool.connection_kwargs.get("socket_timeout")
+        if timeout is None:
+            return block_ms
+        return max(1, min(block_ms, int(timeout * 1000) - 500))
+
+    def _read_own_pending(self, group: str, consumer: str, count: int):
+        while True:
+            raw = self._read(group, consumer, "0", count, None, keep_gone=True)
+            entries = [(entry_id, fields) for entry_id, fields in raw if fields]
+            if entries or not raw:
+                return entries
+            # only entries trimmed away (acknowledged by _read): look again
+
+    def _read(self, group, consumer, start, count, block, keep_gone: bool = False):
         reply = self.client.xreadgroup(
             group, consumer, {self.checkpoints_key: start}, count=count, block=block
         )
@@ -204,7 +285,7 @@ class CheckpointBus:
         gone = [entry_id for entry_id, fields in entries if not fields]
         if gone:
             self.client.xack(self.checkpoints_key, group, *gone)
-        return [(entry_id, fields) for entry_id, fields in entries if fields]
+        return entries if keep_gone else [(i, f) for i, f in entries if f]
 
     def _deliver(self, group: str, entry_id: str, fields: dict[str, str]) -> Delivery:
         try:
@@ -237,34 +318,63 @@ class CheckpointBus:
             )
             cursor, entries = reply[0], reply[1]
             for entry_id, fields in entries:
-                if fields:
+                # an entry trimmed away comes back empty (Redis 6.2: without its id); it is now
+                # this consumer's, and its next follow() acknowledges it
+                if entry_id and fields:
                     claimed.append(self._deliver(group, entry_id, fields))
-            if cursor in ("0-0", b"0-0"):
+            if cursor == "0-0":
                 return claimed
 
     def pending(self, group: str) -> int:
+        """Entries of the group read but not yet acknowledged."""
         return int(self.client.xpending(self.checkpoints_key, group)["pending"])
 
     # -- exactly-once handling ------------------------------------------------------------------
-    def _done_key(self, probe: str, sha256: str) -> str:
+    def done_key(self, probe: str, sha256: str) -> str:
         return f"loupe:{self.run_id}:done:{probe}:{sha256}"
+
+    _done_key = done_key
 
     def mark_done(self, probe: str, sha256: str) -> bool:
         """Record that ``probe`` finished this checkpoint; False if it was already recorded."""
-        return bool(self.client.set(self._done_key(probe, sha256), str(time.time()), nx=True))
+        return bool(self.client.set(self.done_key(probe, sha256), str(time.time()), nx=True))
 
     def is_done(self, probe: str, sha256: str) -> bool:
-        return bool(self.client.exists(self._done_key(probe, sha256)))
+        return bool(self.client.exists(self.done_key(probe, sha256)))
 
-    def wait_for_checkpoints(self, count: int, timeout: float) -> list[CheckpointAnnouncement]:
-        """Block (bounded) until at least ``count`` announcements are in the stream."""
+    def record_once(self, probe: str, sha256: str, result: dict[str, Any]) -> str | None:
+        """Mark done and publish ``result`` in one atomic step; the result's entry id, or None if
+        this (probe, checkpoint) was already recorded (nothing is published then)."""
+        fields = [x for k, v in _json_fields(result).items() for x in (k, v)]
+        entry = self._record_once(
+            keys=[self.done_key(probe, sha256), self.results_key],
+            args=[str(time.time()), str(self.maxlen), *fields],
+        )
+        return entry or None
+
+    # -- waiting (tests, demos) -----------------------------------------------------------------
+    def wait_for(
+        self, count: int | None = None, step: int | None = None, timeout: float = 30.0
+    ) -> list[CheckpointAnnouncement]:
+        """Poll (bounded by ``timeout`` s) until ``count`` announcements are in the stream, or one
+        for ``step`` or later; returns the announcements. LoupeError on timeout."""
+        if (count is None) == (step is None):
+            raise LoupeError("wait_for needs exactly one of count= and step=")
         deadline = time.monotonic() + timeout
         while True:
             found = [a for _, a in self.announcements()]
-            if len(found) >= count:
+            if len(found) >= (count or 0) and (step is None or any(a.step >= step for a in found)):
                 return found
             if time.monotonic() > deadline:
+                want = f"{count} announcements" if count is not None else f"step {step}"
                 raise LoupeError(
-                    f"only {len(found)} of {count} checkpoint announcements after {timeout:.0f} s"
+                    f"waited {timeout:g} s for {want} on {self.checkpoints_key}, found "
+                    f"{len(found)}; is the learner running and announcing (not --no-announce)?"
                 )
             time.sleep(0.05)
+
+
+def _json_fields(values: dict[str, Any]) -> dict[str, str]:
+    if not values:
+        raise LoupeError("a result needs at least one field")
+    return {str(k): json.dumps(v) for k, v in values.items()}

@@ -1,10 +1,9 @@
-"""The checkpoint bus and the embedded server, against a real redis-server."""
+"""The checkpoint bus against a real redis-server (started by RedisServer in a tmp dir)."""
 
 from __future__ import annotations
 
 import json
 import os
-import stat
 import time
 
 import pytest
@@ -34,17 +33,6 @@ def ann(step: int, run: str = "r") -> CheckpointAnnouncement:
         run_id=run, step=step, uri=f"/runs/{run}/ckpt-{step}.json", sha256=f"{step:064x}",
         policy="impala", env="procgen:coinrun",
     )  # fmt: skip
-
-
-@pytest.mark.integration
-def test_server_is_private(server):
-    assert server.host == "127.0.0.1" and server.password and len(server.password) >= 24
-    mode = stat.S_IMODE(os.stat(server.info_path).st_mode)
-    assert mode == 0o600
-    import redis
-
-    with pytest.raises(redis.exceptions.AuthenticationError):
-        redis.Redis(host=server.host, port=server.port).ping()
 
 
 @pytest.mark.integration
@@ -93,12 +81,17 @@ def test_dead_consumers_entries_are_reclaimed(bus):
 
 
 @pytest.mark.integration
-def test_restarted_follower_gets_its_own_pending_entries_again(bus):
+def test_restarted_follower_gets_its_own_pending_entries_again(bus, server):
     bus.ensure_group("probes")
     bus.publish_checkpoint(ann(5, bus.run_id))
     first = bus.follow("probes", "w", block_ms=50)
-    again = bus.follow("probes", "w", block_ms=50)  # same consumer name after a restart
+    bus.publish_checkpoint(ann(6, bus.run_id))
+    # the process dies; a new one with the same consumer name and a new connection
+    restarted = CheckpointBus(connect(server.url), bus.run_id)
+    again = restarted.follow("probes", "w", block_ms=50)
     assert [d.entry_id for d in again] == [d.entry_id for d in first]
+    restarted.ack("probes", again[0].entry_id)
+    assert [d.announcement.step for d in restarted.follow("probes", "w", block_ms=50)] == [6]
 
 
 @pytest.mark.integration
@@ -108,7 +101,26 @@ def test_maxlen_trims_old_entries(server):
         bus.publish_checkpoint(ann(s, "trim"))
     length = bus.client.xlen(bus.checkpoints_key)
     assert 10 <= length < 300  # approximate trimming keeps at least maxlen
+    steps = [a.step for _, a in bus.announcements()]
+    assert steps == list(range(300 - length, 300))  # the newest are kept
     bus.client.delete(bus.checkpoints_key)
+
+
+@pytest.mark.integration
+def test_pending_entries_trimmed_away_are_skipped(bus):
+    bus.ensure_group("probes")
+    for s in range(3):
+        bus.publish_checkpoint(ann(s, bus.run_id))
+    assert len(bus.follow("probes", "dies", block_ms=50, count=2)) == 2
+    assert len(bus.follow("probes", "mine", block_ms=50, count=1)) == 1
+    bus.client.xtrim(bus.checkpoints_key, maxlen=0)
+    bus.publish_checkpoint(ann(3, bus.run_id))
+    time.sleep(0.02)
+    assert bus.claim_stale("probes", "mine", min_idle_ms=1) == []  # nothing readable to take
+    got = bus.follow("probes", "mine", block_ms=50, count=5)
+    assert [d.announcement.step for d in got] == [3]
+    bus.ack("probes", got[0].entry_id)
+    assert bus.pending("probes") == 0
 
 
 @pytest.mark.integration
@@ -122,6 +134,8 @@ def test_unknown_schema_is_reported_not_fatal(bus):
     assert "unknown schema '7'" in got[0].error
     assert got[2].announcement.step == 3
     assert bus.client.xlen(bus.rejected_key) == 2
+    (_, rejected), _ = bus.client.xrange(bus.rejected_key)  # fmt: skip
+    assert rejected["entry"] == got[0].entry_id and "unknown schema" in rejected["reason"]
     assert bus.pending("probes") == 1  # the two bad entries were acknowledged
 
 
@@ -134,9 +148,25 @@ def test_mark_done_is_exactly_once(bus):
 
 @pytest.mark.integration
 def test_results_stream(bus):
-    bus.publish_result({"step": 3, "probe": "suite", "summary": {"a": 1}})
-    (entry_id, fields), = bus.read_results()  # fmt: skip
+    first = bus.publish_result({"step": 3, "probe": "suite", "summary": {"a": 1}})
+    bus.publish_result({"step": 4, "probe": "suite"})
+    (entry_id, fields), _ = bus.read_results()  # fmt: skip
+    assert entry_id == first
     assert json.loads(fields["probe"]) == "suite" and json.loads(fields["summary"]) == {"a": 1}
+    decoded = bus.read_results(decode=True)
+    assert [f["step"] for _, f in decoded] == [3, 4] and decoded[0][1]["summary"] == {"a": 1}
+    assert [f["step"] for _, f in bus.read_results(start=decoded[1][0], decode=True)] == [4]
+    with pytest.raises(LoupeError, match="at least one field"):
+        bus.publish_result({})
+
+
+@pytest.mark.integration
+def test_record_once_publishes_one_result_per_probe_and_checkpoint(bus):
+    sha = "ab" * 32
+    assert bus.record_once("suite", sha, {"step": 7}) is not None
+    assert bus.record_once("suite", sha, {"step": 7}) is None  # a second worker, same checkpoint
+    assert bus.record_once("other", sha, {"step": 7}) is not None
+    assert bus.is_done("suite", sha) and len(bus.read_results()) == 2
 
 
 @pytest.mark.integration
@@ -150,7 +180,33 @@ def test_bad_urls_and_passwords_fail_fast(server):
         connect(f"redis://127.0.0.1:{free_port()}/0", timeout=1.0)
     with pytest.raises(LoupeError, match="not a Redis URL"):
         connect("http://localhost:6379")
+    with pytest.raises(LoupeError, match="cannot reach Redis at 10.255.255.1:6379"):
+        connect("redis://10.255.255.1:6379/0", timeout=0.5)  # unroutable: the connect times out
     assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.integration
+def test_follow_blocks_no_longer_than_the_socket_timeout(server):
+    bus = CheckpointBus(connect(server.url, timeout=1.0), "block")
+    bus.ensure_group("probes")
+    t0 = time.monotonic()
+    assert bus.follow("probes", "w", block_ms=10_000) == []
+    assert time.monotonic() - t0 < 1.0
+    bus.client.delete(bus.checkpoints_key)
+
+
+@pytest.mark.integration
+def test_wait_for_is_bounded(bus):
+    for s in (10, 20):
+        bus.publish_checkpoint(ann(s, bus.run_id))
+    assert [a.step for a in bus.wait_for(count=2, timeout=1)] == [10, 20]
+    assert len(bus.wait_for(step=15, timeout=1)) == 2
+    t0 = time.monotonic()
+    with pytest.raises(LoupeError, match="waited 0.3 s for step 30 .* found 2"):
+        bus.wait_for(step=30, timeout=0.3)
+    assert time.monotonic() - t0 < 2
+    with pytest.raises(LoupeError, match="exactly one of"):
+        bus.wait_for(timeout=1)
 
 
 @pytest.mark.integration
@@ -158,8 +214,11 @@ def test_sigkill_and_restart_loses_no_announcement(tmp_path):
     srv = RedisServer(tmp_path / "redis").start()
     try:
         bus = CheckpointBus(connect(srv.url), "crash")
+        bus.ensure_group("probes")
         for s in range(50):
             bus.publish_checkpoint(ann(s, "crash"))
+        for d in bus.follow("probes", "w", block_ms=50, count=20):
+            bus.ack("probes", d.entry_id)
         pid = srv.pid
         srv.kill()
         with pytest.raises(ProcessLookupError):
@@ -168,27 +227,15 @@ def test_sigkill_and_restart_loses_no_announcement(tmp_path):
         srv2 = RedisServer(tmp_path / "redis").start()
         try:
             assert srv2.port == srv.port and srv2.password == srv.password
-            steps = [a.step for _, a in CheckpointBus(connect(srv2.url), "crash").announcements()]
-            assert steps == list(range(50))
+            bus2 = CheckpointBus(connect(srv2.url), "crash")
+            assert [a.step for _, a in bus2.announcements()] == list(range(50))
+            # the group's position and acknowledgements survived too
+            assert bus2.pending("probes") == 0
+            assert [d.announcement.step for d in bus2.follow("probes", "w", block_ms=50)] == [20]
         finally:
             srv2.stop()
     finally:
         srv.stop()
-
-
-@pytest.mark.integration
-def test_stop_leaves_no_process(tmp_path):
-    srv = RedisServer(tmp_path / "r").start()
-    pid = srv.pid
-    srv.stop()
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
-
-
-@pytest.mark.unit
-def test_binding_beyond_loopback_needs_a_password(tmp_path):
-    with pytest.raises(LoupeError, match="without a password"):
-        RedisServer(tmp_path, bind="0.0.0.0", password="")
 
 
 @pytest.mark.unit
@@ -201,3 +248,33 @@ def test_announcement_round_trip_and_rejections():
     del fields["sha256"]
     with pytest.raises(ValueError, match="missing field"):
         CheckpointAnnouncement.from_fields(fields)
+    with pytest.raises(ValueError, match="malformed field .*sha256"):
+        CheckpointAnnouncement.from_fields({**a.to_fields(), "sha256": "not-a-hash"})
+    with pytest.raises(ValueError, match="malformed field"):
+        CheckpointAnnouncement.from_fields({**a.to_fields(), "extras": "{oops"})
+    extras = CheckpointAnnouncement.from_fields(
+        CheckpointAnnouncement(**{**vars(a), "extras": {"lr": 5e-4}}).to_fields()
+    )
+    assert extras.extras == {"lr": 5e-4} and extras.announced > 0
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"step": -1}, "non-negative int"),
+        ({"sha256": "ABC"}, "64 lowercase hex"),
+        ({"uri": ""}, "empty uri"),
+    ],
+)
+def test_bad_announcements_are_refused_before_publishing(change, message):
+    with pytest.raises(LoupeError, match=message):
+        CheckpointAnnouncement(**{**vars(ann(1)), **change})
+
+
+@pytest.mark.unit
+def test_bus_settings_are_checked():
+    with pytest.raises(LoupeError, match="maxlen must be at least 1"):
+        CheckpointBus(None, "run", maxlen=0)
+    with pytest.raises(LoupeError, match="without spaces"):
+        CheckpointBus(None, "my run")
