@@ -194,7 +194,9 @@ class Trainer:
         if url is None:
             self.redis_server = RedisServer(self.run.redis).start()
             url = self.redis_server.url
-            log.info("private redis-server on %s:%d", self.redis_server.host, self.redis_server.port)
+            log.info(
+                "private redis-server on %s:%d", self.redis_server.host, self.redis_server.port
+            )
         self.bus = CheckpointBus(connect(url), self.config.run_id)
 
     def close_bus(self) -> None:
