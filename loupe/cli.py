@@ -231,7 +231,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a small end-to-end run on the embedded default")
     p.add_argument("--run-dir", default=None)
     p.add_argument("--total-steps", type=int, default=32768)
-    p.add_argument("--levels", type=int, default=200, help="evaluation levels per agent")
+    p.add_argument("--levels", type=int, default=100, help="evaluation levels per agent")
     p.add_argument("--workers", type=int, default=2, help="Ray evaluators")
     p.set_defaults(func=_demo)
     p = sub.add_parser("policies", help="list the policy networks")

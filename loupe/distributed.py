@@ -43,7 +43,9 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
             check_reachable(address)
         kwargs["address"] = address
     else:
-        # a local Ray for this process only, on loopback
+        # a new local Ray for this process only, on loopback ("local": never attach to a cluster
+        # some other process left behind)
+        kwargs["address"] = "local"
         kwargs["_node_ip_address"] = "127.0.0.1"
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
