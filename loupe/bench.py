@@ -207,3 +207,151 @@ def run_benchmarks(config: BenchConfig, echo: Callable[[str], None] = print) -> 
         results[name]["bench_seconds"] = time.perf_counter() - t0
     results["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return results
+
+
+@benchmark("pipeline")
+def bench_pipeline(opts: dict[str, Any]) -> dict[str, Any]:
+    """Ray rollout actors (actor inference) with 1 and 2 actors vs raw env and inference, one run."""
+    from loupe.distributed import RaySampler, init_ray
+
+    envs_per_actor, steps = 8, 64
+    init_ray(None)
+    out: dict[str, Any] = {
+        "env": "procgen:coinrun",
+        "policy": "impala",
+        "envs_per_actor": envs_per_actor,
+        "raw_env_steps_per_s": env_sps("procgen:coinrun", envs_per_actor, opts["seconds"]),
+        "inference_steps_per_s": inference_sps(
+            "impala", (3, 64, 64), 15, envs_per_actor, opts["seconds"]
+        ),  # fmt: skip
+    }
+    # one actor steps env and policy in turn: its ceiling is the serial combination of the two
+    out["single_actor_limit_steps_per_s"] = 1 / (
+        1 / out["raw_env_steps_per_s"] + 1 / out["inference_steps_per_s"]
+    )
+    import tempfile
+
+    from attention import build_policy
+
+    weights = {
+        k: v.numpy() for k, v in build_policy("impala", (3, 64, 64), 15).state_dict().items()
+    }
+    for actors in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = _train_config("procgen:coinrun", "impala", envs_per_actor * actors, steps,
+                                10**9, tmp, actors=actors)  # fmt: skip
+            sampler = RaySampler(cfg)
+            sampler.start(weights, 0)
+            sampler.collect()  # warm-up
+            t0, batches = time.perf_counter(), 0
+            while time.perf_counter() - t0 < opts["seconds"] * 2:
+                sampler.collect()
+                batches += 1
+            sps = batches * steps * envs_per_actor * actors / (time.perf_counter() - t0)
+            sampler.close()
+        out[f"actors_{actors}_steps_per_s"] = sps
+        out[f"actors_{actors}_vs_single_actor_limit"] = sps / out["single_actor_limit_steps_per_s"]
+    return out
+
+
+@benchmark("ig")
+def bench_ig(opts: dict[str, Any]) -> dict[str, Any]:
+    """Hidden-layer IG for value + every logit in one pass vs one Captum call per target."""
+    from attention import build_policy
+    from probes.attribution import benchmark_ig_vs_captum
+
+    torch.manual_seed(0)
+    out = {}
+    for name, shape, layer in (("interpretable", (3, 64, 64), "2b"), ("impala", (3, 64, 64), "s2")):
+        policy = build_policy(name, shape, 15)
+        obs = torch.randint(0, 256, (16, *shape), dtype=torch.uint8)
+        out[f"{name}/{layer}"] = benchmark_ig_vs_captum(policy, obs, layer, repeats=2)
+    out["target"] = ">= 3x faster than 16 Captum calls, max abs diff <= 1e-5"
+    return out
+
+
+@benchmark("probe_latency")
+def bench_probe_latency(opts: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoint announced on Redis -> a blocked probe worker has it verified and loaded."""
+    import tempfile
+    import threading
+    from pathlib import Path
+
+    from attention import build_policy
+    from learner.checkpoint import load_checkpoint, save_checkpoint
+    from loupe.bus import CheckpointAnnouncement, CheckpointBus, connect
+    from loupe.redis_server import RedisServer
+
+    latencies: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as server:
+        path = save_checkpoint(tmp, build_policy("impala", (3, 64, 64), 15), {"step": 1})
+        meta = json_load(path)
+        producer = CheckpointBus(connect(server.url), "bench")
+        consumer = CheckpointBus(connect(server.url), "bench")
+        consumer.ensure_group("probes", start="$")
+        for _ in range(opts.get("latency_samples", 50)):
+            got: list[float] = []
+
+            def follow(got=got):
+                while not got:
+                    for d in consumer.follow("probes", "w", block_ms=2000):
+                        load_checkpoint(d.announcement.uri)  # sha256 verified, weights loaded
+                        got.append(time.time() - d.announcement.announced)
+                        consumer.ack("probes", d.entry_id)
+
+            thread = threading.Thread(target=follow)
+            thread.start()
+            time.sleep(0.01)
+            producer.publish_checkpoint(CheckpointAnnouncement(
+                run_id="bench", step=1, uri=str(path), sha256=meta["sha256"], policy="impala",
+                env="procgen:coinrun", announced=time.time()))  # fmt: skip
+            thread.join()
+            latencies.append(got[0])
+    arr = np.array(latencies) * 1000
+    return {"samples": len(arr), "p50_ms": float(np.percentile(arr, 50)),
+            "p99_ms": float(np.percentile(arr, 99)), "max_ms": float(arr.max()),
+            "target": "p99 < 200 ms"}  # fmt: skip
+
+
+def json_load(path):
+    import json
+
+    with open(path) as f:
+        return json.load(f)
+
+
+@benchmark("evaluate")
+def bench_evaluate(opts: dict[str, Any]) -> dict[str, Any]:
+    """Levels/s with 1 and 2 Ray evaluators vs a one-env sequential loop on the same levels."""
+    import tempfile
+    from pathlib import Path
+
+    from actors.evaluator import EvaluatorConfig, sequential_levels_per_s
+    from attention import build_policy
+    from learner.checkpoint import save_checkpoint
+    from loupe.evaluate import EvalConfig, evaluate
+
+    torch.manual_seed(0)
+    policy = build_policy("impala", (3, 64, 64), 15)
+    with torch.no_grad():
+        policy.pi.bias[8] = 4.0  # right+jump: levels end within a few hundred steps
+    levels = opts.get("eval_levels", 32)
+    out: dict[str, Any] = {"levels": levels, "policy": "impala (biased to RIGHT+UP)"}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = save_checkpoint(Path(tmp) / "run", policy, {
+            "step": 1, "env": "procgen:coinrun", "env_options": {"distribution_mode": "easy"}})  # fmt: skip
+        weights = {k: v.numpy() for k, v in policy.state_dict().items()}
+        ev = EvaluatorConfig(env_options={"distribution_mode": "easy"}, causes=True)
+        out["sequential_levels_per_s"] = sequential_levels_per_s(
+            policy.spec, weights, ev, list(range(levels))
+        )
+        for workers in (1, 2):
+            summary = evaluate(EvalConfig(checkpoints=[str(ckpt)], out=f"{tmp}/ev{workers}",
+                                          levels=levels, workers=workers), progress=False)  # fmt: skip
+            (stats,) = summary["checkpoints"].values()
+            out[f"workers_{workers}_levels_per_s"] = stats["levels_per_s"]
+            out[f"workers_{workers}_vs_sequential"] = (
+                stats["levels_per_s"] / out["sequential_levels_per_s"]
+            )
+    out["target"] = ">= 20x a one-env sequential loop (on 16 cores + GPU)"
+    return out
