@@ -51,12 +51,16 @@ class EvaluatorConfig:
     actions: str = "sample"
     #: torch threads inside the evaluator (0: torch default)
     torch_threads: int = 1
+    #: the policy's action set: "full" (15 procgen actions) or "article" (9, mapped to procgen's)
+    action_set: str = "full"
 
     def __post_init__(self):
         from loupe.errors import LoupeError
 
         if self.slots <= 0:
             raise LoupeError("evaluator slots must be positive")
+        if self.action_set not in ("full", "article"):
+            raise LoupeError(f"action_set must be 'full' or 'article', not {self.action_set!r}")
         if self.actions not in ("sample", "argmax"):
             raise LoupeError(f"actions must be 'sample' or 'argmax', not {self.actions!r}")
         if self.causes and self.game != "coinrun":
@@ -92,6 +96,9 @@ class LevelEvaluator:
         )
         self.policy.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
         self.policy.eval()
+        from actors.procgen_env import ARTICLE_ACTIONS
+
+        self.action_map = np.array(ARTICLE_ACTIONS) if config.action_set == "article" else None
         self.classifier = None
         if config.causes:
             from actors.failure import FailureClassifier
@@ -155,6 +162,8 @@ class LevelEvaluator:
         return results
 
     def _step(self, slot: _Slot, action: int) -> LevelResult | None:
+        if self.action_map is not None:
+            action = int(self.action_map[action])  # the policy's index -> procgen's action
         if self.classifier is not None:
             slot.pre_state = slot.env.callmethod("get_state")[0]
         slot.env.act(np.array([action]))

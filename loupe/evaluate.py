@@ -117,7 +117,12 @@ def load_target(path: str, cfg: EvalConfig) -> Target:
         spec=dict(policy.spec),
         weights=weights,
         evaluator=EvaluatorConfig(
-            game=game, env_options=options, slots=cfg.slots, causes=cfg.causes, seed=cfg.seed
+            game=game,
+            env_options=options,
+            slots=cfg.slots,
+            causes=cfg.causes,
+            seed=cfg.seed,
+            action_set=env_opts.get("action_set") or "full",
         ),
     )
 

@@ -154,3 +154,30 @@ def test_wilson_interval():
     lo, hi = wilson(37, 10_000)
     assert lo < 0.0037 < hi and hi - lo < 0.003
     assert wilson(0, 10) == (0.0, pytest.approx(0.2775, abs=1e-3))
+
+
+@pytest.mark.integration
+def test_article_action_policy_is_mapped_to_procgen_actions(tmp_path):
+    """A 9-action policy always choosing index 4 (R+U) must play procgen's action 8 (RIGHT+UP)."""
+    from actors.evaluator import EvaluatorConfig, LevelEvaluator
+
+    torch.manual_seed(0)
+    policy = build_policy("impala", (3, 64, 64), 9)
+    with torch.no_grad():
+        policy.pi.bias[4] = 50.0
+    weights = {k: v.numpy() for k, v in policy.state_dict().items()}
+    played: list[int] = []
+    cfg = EvaluatorConfig(env_options={"distribution_mode": "easy"}, slots=2, causes=False,
+                          action_set="article")  # fmt: skip
+    evaluator = LevelEvaluator(policy.spec, weights, cfg)
+    original = evaluator._step
+
+    def spy(slot, action):
+        played.append(int(evaluator.action_map[action]))
+        return original(slot, action)
+
+    evaluator._step = spy
+    results = evaluator.evaluate([0, 1])
+    assert len(results) == 2 and set(played) == {8}
+    with pytest.raises(LoupeError, match="action_set"):
+        EvaluatorConfig(action_set="nine")
