@@ -35,6 +35,16 @@ class RolloutConfig:
     torch_threads: int = 0
 
 
+@torch.no_grad()
+def sample_actions(policy, obs: np.ndarray, generator: torch.Generator, device=None):
+    """Sample from the policy for (N, C, H, W) uint8 frames -> (actions, log-probs, values) as numpy."""
+    out = policy(torch.from_numpy(obs).to(device) if device is not None else torch.from_numpy(obs))
+    logp_all = torch.log_softmax(out.logits.float(), dim=-1).cpu()  # (N, A)
+    actions = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(1)
+    logp = logp_all.gather(1, actions[:, None]).squeeze(1)
+    return actions.numpy(), logp.numpy(), out.value.float().cpu().numpy()
+
+
 class RolloutActor:
     """Owns a vector env and a CPU copy of the policy; produces fixed-length trajectory batches."""
 
@@ -77,14 +87,9 @@ class RolloutActor:
         self.policy.load_state_dict(state)
         self.version = int(version)
 
-    @torch.no_grad()
     def act(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Sample actions for a batch of observations -> (actions, log-probs, values)."""
-        out = self.policy(torch.from_numpy(obs))
-        logp_all = torch.log_softmax(out.logits, dim=-1)  # (N, A)
-        actions = torch.multinomial(logp_all.exp(), 1, generator=self.generator).squeeze(1)
-        logp = logp_all.gather(1, actions[:, None]).squeeze(1)
-        return actions.numpy(), logp.numpy(), out.value.numpy()
+        return sample_actions(self.policy, obs, self.generator)
 
     @torch.no_grad()
     def value(self, obs: np.ndarray) -> np.ndarray:
@@ -92,50 +97,27 @@ class RolloutActor:
 
     def rollout(self, num_steps: int):
         """Step every env ``num_steps`` times -> a ``Rollout`` with (T, N) arrays."""
-        from learner.rollout import Rollout
+        from learner.rollout import RolloutBuilder
 
         if self.version < 0:
             raise RuntimeError("set_weights must be called before rollout")
         n = self.env.num_envs
-        obs_buf = np.empty((num_steps, n, *self.obs_shape), dtype=np.uint8)
-        act_buf = np.empty((num_steps, n), dtype=np.int64)
-        logp_buf = np.empty((num_steps, n), dtype=np.float32)
-        val_buf = np.empty((num_steps, n), dtype=np.float32)
-        rew_buf = np.empty((num_steps, n), dtype=np.float32)
-        done_buf = np.empty((num_steps, n), dtype=bool)
-        seed_buf = np.full((num_steps, n), -1, dtype=np.int64)
-        episodes = []
+        batch = RolloutBuilder(num_steps, n, self.obs_shape)
         level_seeds = getattr(self.env, "level_seeds", None)
         for t in range(num_steps):
             t0 = time.perf_counter()
-            obs_buf[t] = self.obs
-            if level_seeds is not None:
-                seed_buf[t] = level_seeds()
+            batch.observe(t, self.obs, level_seeds() if level_seeds is not None else None)
             actions, logp, values = self.act(self.obs)
             t1 = time.perf_counter()
             self.obs, reward, done, finished = self.env.step(actions)
             self.env_seconds += time.perf_counter() - t1
             self.inference_seconds += t1 - t0
-            act_buf[t], logp_buf[t], val_buf[t] = actions, logp, values
-            rew_buf[t], done_buf[t] = reward, done
-            episodes.extend(finished)
+            batch.record(t, actions, logp, values, reward, done, finished)
         t0 = time.perf_counter()
         last_value = self.value(self.obs)
         self.inference_seconds += time.perf_counter() - t0
         self.steps_done += num_steps * n
-        return Rollout(
-            obs=obs_buf,
-            actions=act_buf,
-            logprobs=logp_buf,
-            values=val_buf,
-            rewards=rew_buf,
-            dones=done_buf,
-            last_obs=self.obs.copy(),
-            last_value=last_value.astype(np.float32),
-            level_seeds=seed_buf,
-            policy_version=self.version,
-            episodes=episodes,
-        )
+        return batch.build(self.obs, last_value, self.version)
 
     def timings(self) -> dict[str, float]:
         return {

@@ -41,3 +41,45 @@ class Rollout:
     @property
     def num_envs(self) -> int:
         return int(self.actions.shape[1])
+
+
+class RolloutBuilder:
+    """Fills the (T, N) arrays of a Rollout one step at a time (used by every sampler)."""
+
+    def __init__(self, num_steps: int, num_envs: int, obs_shape: tuple[int, ...]):
+        t, n = num_steps, num_envs
+        self.obs = np.empty((t, n, *obs_shape), dtype=np.uint8)
+        self.actions = np.empty((t, n), dtype=np.int64)
+        self.logprobs = np.empty((t, n), dtype=np.float32)
+        self.values = np.empty((t, n), dtype=np.float32)
+        self.rewards = np.empty((t, n), dtype=np.float32)
+        self.dones = np.empty((t, n), dtype=bool)
+        self.level_seeds = np.full((t, n), -1, dtype=np.int64)
+        self.episodes: list = []
+
+    def observe(self, t: int, obs, level_seeds=None) -> None:
+        """Copy step t's input frames; call before stepping (envs may reuse their frame buffers)."""
+        self.obs[t] = obs
+        if level_seeds is not None:
+            self.level_seeds[t] = level_seeds
+
+    def record(self, t: int, actions, logprobs, values, rewards, dones, episodes) -> None:
+        """Step t's action and what the environment returned for it."""
+        self.actions[t], self.logprobs[t], self.values[t] = actions, logprobs, values
+        self.rewards[t], self.dones[t] = rewards, dones
+        self.episodes.extend(episodes)
+
+    def build(self, last_obs: np.ndarray, last_value: np.ndarray, policy_version: int) -> Rollout:
+        return Rollout(
+            obs=self.obs,
+            actions=self.actions,
+            logprobs=self.logprobs,
+            values=self.values,
+            rewards=self.rewards,
+            dones=self.dones,
+            last_obs=last_obs.copy(),
+            last_value=np.asarray(last_value, dtype=np.float32),
+            level_seeds=self.level_seeds,
+            policy_version=policy_version,
+            episodes=self.episodes,
+        )

@@ -278,39 +278,26 @@ class CentralSampler:
         self.version = version
 
     def _act(self, obs: np.ndarray):
-        import torch
+        from actors.rollout import sample_actions
 
-        with torch.no_grad():
-            out = self.policy(torch.from_numpy(obs).to(self.device))
-            logp_all = torch.log_softmax(out.logits.float(), dim=-1).cpu()
-            actions = torch.multinomial(logp_all.exp(), 1, generator=self.generator).squeeze(1)
-            logp = logp_all.gather(1, actions[:, None]).squeeze(1)
-        return actions.numpy(), logp.numpy(), out.value.float().cpu().numpy()
+        return sample_actions(self.policy, obs, self.generator, self.device)
 
     def collect(self):
         import ray
 
-        from learner.rollout import Rollout
+        from learner.rollout import RolloutBuilder
 
         if self.policy is None:
             raise RuntimeError("CentralSampler.attach must be called before collect")
-        t_steps, n = self.num_steps, sum(self.envs)
-        obs_buf = np.empty((t_steps, n, *self.obs_shape), dtype=np.uint8)
-        act_buf = np.empty((t_steps, n), dtype=np.int64)
-        logp_buf = np.empty((t_steps, n), dtype=np.float32)
-        val_buf = np.empty((t_steps, n), dtype=np.float32)
-        rew_buf = np.empty((t_steps, n), dtype=np.float32)
-        done_buf = np.empty((t_steps, n), dtype=bool)
-        seed_buf = np.empty((t_steps, n), dtype=np.int64)
+        batch = RolloutBuilder(self.num_steps, sum(self.envs), self.obs_shape)
         bounds = np.cumsum([0, *self.envs])
-        episodes = []
         infer_s = wait_s = 0.0
         obs, seeds = self.current
         was_training = self.policy.training
         self.policy.eval()
-        for t in range(t_steps):
+        for t in range(self.num_steps):
             t0 = time.perf_counter()
-            obs_buf[t], seed_buf[t] = obs, seeds
+            batch.observe(t, obs, seeds)
             actions, logp, values = self._act(obs)
             t1 = time.perf_counter()
             refs = [
@@ -320,31 +307,20 @@ class CentralSampler:
             t2 = time.perf_counter()
             infer_s += t1 - t0
             wait_s += t2 - t1
-            act_buf[t], logp_buf[t], val_buf[t] = actions, logp, values
-            rew_buf[t] = np.concatenate([p[1] for p in parts])
-            done_buf[t] = np.concatenate([p[2] for p in parts])
-            for i, p in enumerate(parts):
-                episodes.extend(
-                    dataclasses.replace(ep, env_index=int(ep.env_index + bounds[i])) for ep in p[3]
-                )
+            episodes = [
+                dataclasses.replace(ep, env_index=int(ep.env_index + bounds[i]))
+                for i, p in enumerate(parts)
+                for ep in p[3]
+            ]
+            rewards = np.concatenate([p[1] for p in parts])
+            dones = np.concatenate([p[2] for p in parts])
+            batch.record(t, actions, logp, values, rewards, dones, episodes)
             obs = np.concatenate([p[0] for p in parts])
             seeds = np.concatenate([p[4] for p in parts])
         self.current = (obs, seeds)
         _, _, last_value = self._act(obs)
         self.policy.train(was_training)
-        rollout = Rollout(
-            obs=obs_buf,
-            actions=act_buf,
-            logprobs=logp_buf,
-            values=val_buf,
-            rewards=rew_buf,
-            dones=done_buf,
-            last_obs=obs.copy(),
-            last_value=last_value.astype(np.float32),
-            level_seeds=seed_buf,
-            policy_version=self.version,
-            episodes=episodes,
-        )
+        rollout = batch.build(obs, last_value, self.version)
         return rollout, {"inference_s": infer_s, "wait_s": wait_s}
 
     def close(self) -> None:

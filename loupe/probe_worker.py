@@ -21,14 +21,6 @@ from loupe.errors import LoupeError
 
 log = logging.getLogger("loupe.probe")
 
-# SET the done mark if absent and, only then, append the result: exactly one result per checkpoint
-_FINISH = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
-  return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
-end
-return false
-"""
-
 
 @dataclasses.dataclass
 class WorkerConfig:
@@ -60,7 +52,6 @@ class ProbeWorker:
         self.run_dir = Path(run_dir)
         self.config = config
         self.probe_config = probe_config or ProbeConfig()
-        self.finish = bus.client.register_script(_FINISH)
         self.handled = 0
         self.writer = None
 
@@ -95,11 +86,7 @@ class ProbeWorker:
             "start_latency_s": latency, "seconds": time.time() - started,
             "scalars": scalars(summary),
         }  # fmt: skip
-        fields = [x for k, v in result.items() for x in (k, json.dumps(v))]
-        first = self.finish(
-            keys=[self.bus._done_key(group, ann.sha256), self.bus.results_key],
-            args=[str(time.time()), str(self.bus.maxlen), *fields],
-        )
+        first = self.bus.record_once(group, ann.sha256, result)  # mark + publish, atomically
         if first:
             self._log_scalars(ann.step, result["scalars"], latency)
         self.bus.ack(group, delivery.entry_id)
