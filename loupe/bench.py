@@ -280,12 +280,13 @@ def bench_probe_latency(opts: dict[str, Any]) -> dict[str, Any]:
     from attention import build_policy
     from learner.checkpoint import load_checkpoint, save_checkpoint
     from loupe.bus import CheckpointAnnouncement, CheckpointBus, connect
+    from loupe.config import load_json
     from loupe.redis_server import RedisServer
 
     latencies: list[float] = []
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as server:
         path = save_checkpoint(tmp, build_policy("impala", (3, 64, 64), 15), {"step": 1})
-        meta = json_load(path)
+        meta = load_json(path)
         producer = CheckpointBus(connect(server.url), "bench")
         consumer = CheckpointBus(connect(server.url), "bench")
         consumer.ensure_group("probes", start="$")
@@ -311,13 +312,6 @@ def bench_probe_latency(opts: dict[str, Any]) -> dict[str, Any]:
     return {"samples": len(arr), "p50_ms": float(np.percentile(arr, 50)),
             "p99_ms": float(np.percentile(arr, 99)), "max_ms": float(arr.max()),
             "target": "p99 < 200 ms"}  # fmt: skip
-
-
-def json_load(path):
-    import json
-
-    with open(path) as f:
-        return json.load(f)
 
 
 @benchmark("evaluate")

@@ -50,7 +50,8 @@ def run_demo(run_dir: Path, total_steps: int, levels: int, workers: int) -> int:
         results = [json.loads(f["scalars"]) | {"step": json.loads(f["step"])}
                    for _, f in bus.read_results() if json.loads(f["kind"]) == "probe"]  # fmt: skip
     finally:
-        server.stop() if server else None
+        if server is not None:
+            server.stop()
     for r in sorted(results, key=lambda r: r["step"]):
         print(
             f"      step {r['step']:>7}: top-10 attribution share {r['top10_attribution_share']:.3f}, "
