@@ -250,7 +250,7 @@ _EXTRA_COMMANDS: list = []
 def _load_extra_commands() -> None:
     import importlib
 
-    for module in ("loupe.cmd_bench", "loupe.cmd_probe", "loupe.cmd_evaluate"):
+    for module in ("loupe.cmd_bench", "loupe.cmd_probe", "loupe.cmd_evaluate", "loupe.cmd_compare"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -24,6 +24,9 @@ from loupe.rundir import RunDir, run_id_for
 
 log = logging.getLogger("loupe.train")
 
+#: per-update figures kept in ``Trainer.history`` (everything else goes to TensorBoard only)
+HISTORY_KEYS = ("mean_return_100", "policy_lag", "steps_per_s", "sample_s", "update_s")
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -125,6 +128,8 @@ class Trainer:
             self.sampler.attach(self.policy, self.device)
         self.version = 0
         self.returns: deque[float] = deque(maxlen=100)
+        #: one small record per update of this process: step, mean_return_100, policy_lag, steps/s
+        self.history: list[dict[str, float]] = []
         self.bus = None
         self.redis_server = None
         if resume:
@@ -260,6 +265,10 @@ class Trainer:
                     refresh=False,
                 )
                 last = stats
+                self.history.append(
+                    {"step": float(self.learner.global_step)}
+                    | {k: stats[k] for k in HISTORY_KEYS if k in stats}
+                )
                 updates_since_ckpt += 1
                 if updates_since_ckpt >= cfg.checkpoint_every:
                     path = self.checkpoint()

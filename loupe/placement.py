@@ -1,0 +1,235 @@
+"""`loupe compare-placements`: does ``--inference central`` learn what ``--inference actor`` learns?
+
+Both placements train the same task from the same seeds (same initial weights, same environment
+seeds, same action-sampling seed); only where the policy runs while sampling differs, and with it
+the policy lag (``actor`` pipelines the next batch while the learner updates: lag 1; ``central``
+acts with the learner's own network: lag 0). Each run's final figure is the mean return of its last
+100 training episodes. The summary gives both placements' means, the paired per-seed differences,
+Welch's t-test and a 95% interval of the difference, and a plot of every learning curve.
+
+Runs are written one by one under ``<out>/runs``; rerunning the same command skips finished runs,
+so an interrupted comparison loses at most the run in progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loupe.config import load_json, save_json, to_dict
+from loupe.errors import LoupeError
+
+log = logging.getLogger("loupe.placement")
+
+PLACEMENTS = ("actor", "central")
+
+
+@dataclasses.dataclass
+class PlacementConfig:
+    """One placement comparison: the task, the budget per run, and the seeds."""
+
+    env_id: str = "procgen:coinrun"
+    num_levels: int = 200
+    distribution_mode: str = "easy"
+    policy: str = "nature"
+    #: environments in all, split over ``actors`` Ray rollout actors
+    num_envs: int = 32
+    num_steps: int = 128
+    minibatches: int = 4
+    epochs: int = 3
+    #: environment steps per run
+    total_steps: int = 160_000
+    actors: int = 1
+    #: policy lag of the ``actor`` placement (``central`` is always 0)
+    actor_lag: int = 1
+    seeds: tuple[int, ...] = (1, 2, 3)
+    placements: tuple[str, ...] = PLACEMENTS
+    out: str = "bench/placement"
+
+    def __post_init__(self):
+        unknown = [p for p in self.placements if p not in PLACEMENTS]
+        if unknown:
+            raise LoupeError(f"unknown placement(s) {unknown}; choose from {list(PLACEMENTS)}")
+        if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
+            raise LoupeError("--seeds needs one or more distinct seeds")
+        if self.total_steps < self.num_envs * self.num_steps:
+            raise LoupeError(
+                f"--total-steps {self.total_steps} is less than one batch "
+                f"({self.num_envs} envs x {self.num_steps} steps)"
+            )
+
+    def train_config(self, placement: str, seed: int, run_dir: Path):
+        from actors import EnvConfig
+        from learner import PPOConfig
+        from loupe.train import TrainConfig
+
+        ppo = PPOConfig.preset(
+            "procgen",
+            num_envs=self.num_envs,
+            num_steps=self.num_steps,
+            num_minibatches=self.minibatches,
+            update_epochs=self.epochs,
+            total_steps=self.total_steps,
+            seed=seed,
+        )
+        env = EnvConfig(
+            self.env_id,
+            num_envs=self.num_envs,
+            seed=seed,
+            num_levels=self.num_levels,
+            distribution_mode=self.distribution_mode,
+        )
+        return TrainConfig(
+            env=env,
+            ppo=ppo,
+            run_dir=str(run_dir),
+            policy=self.policy,
+            preset="procgen",
+            checkpoint_every=10,
+            device="cpu",
+            actors=self.actors,
+            inference=placement,
+            max_policy_lag=self.actor_lag if placement == "actor" else 0,
+            announce=False,
+        )
+
+
+def run_one(cfg: PlacementConfig, placement: str, seed: int, progress: bool) -> dict[str, Any]:
+    """Train one run (or read it back when it finished before) -> its result record."""
+    from loupe.rundir import RunDir
+    from loupe.train import Trainer
+
+    runs = Path(cfg.out) / "runs"
+    run_dir = runs / f"{placement}-seed{seed}"
+    result_path = runs / f"{placement}-seed{seed}.json"
+    if result_path.exists():
+        result = load_json(result_path)
+        if result.get("config") == to_dict(cfg.train_config(placement, seed, run_dir)):
+            return result
+        raise LoupeError(
+            f"{result_path} was trained with other settings; use another --out or delete it"
+        )
+    if run_dir.exists():  # a run cut off mid-way: its curve is incomplete, train it again
+        log.warning("%s was cut off; training it again from step 0", run_dir)
+        shutil.rmtree(run_dir)
+    train_cfg = cfg.train_config(placement, seed, run_dir)
+    RunDir(str(run_dir)).create()
+    train_cfg.save(run_dir / "config.json")
+    trainer = Trainer(train_cfg, progress=progress)
+    t0 = time.perf_counter()
+    last = trainer.train()
+    wall = time.perf_counter() - t0
+    history = trainer.history
+    result = {
+        "placement": placement,
+        "seed": seed,
+        "final_return": float(last["mean_return_100"]),
+        "steps": int(trainer.learner.global_step),
+        "wall_s": wall,
+        "steps_per_s": trainer.learner.global_step / wall,
+        "max_policy_lag": max(h["policy_lag"] for h in history),
+        "curve": [[h["step"], h.get("mean_return_100", math.nan)] for h in history],
+        "config": to_dict(train_cfg),
+    }
+    save_json(result_path, result)
+    return result
+
+
+def welch(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Welch's t-test of mean(a) - mean(b) with its 95% interval (Welch-Satterthwaite dof)."""
+    from scipy import stats
+
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    diff = float(a.mean() - b.mean())
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return {"diff": diff, "t": math.nan, "dof": math.nan, "p": math.nan, "ci95": [diff, diff]}
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    t = diff / se
+    half = float(stats.t.ppf(0.975, dof)) * se
+    return {
+        "diff": diff,
+        "t": t,
+        "dof": dof,
+        "p": float(2 * stats.t.sf(abs(t), dof)),
+        "ci95": [diff - half, diff + half],
+    }
+
+
+def summarise(results: list[dict[str, Any]], cfg: PlacementConfig) -> dict[str, Any]:
+    """Per-placement statistics, paired differences and Welch's test of actor - central."""
+    by = {p: {r["seed"]: r for r in results if r["placement"] == p} for p in cfg.placements}
+    summary: dict[str, Any] = {"config": to_dict(cfg), "placements": {}}
+    for p, runs in by.items():
+        finals = np.array([runs[s]["final_return"] for s in cfg.seeds])
+        summary["placements"][p] = {
+            "final_return": {str(s): runs[s]["final_return"] for s in cfg.seeds},
+            "mean": float(finals.mean()),
+            "sd": float(finals.std(ddof=1)) if len(finals) > 1 else math.nan,
+            "steps_per_s": float(np.mean([runs[s]["steps_per_s"] for s in cfg.seeds])),
+            "max_policy_lag": max(runs[s]["max_policy_lag"] for s in cfg.seeds),
+        }
+    if set(PLACEMENTS) <= set(by) and len(cfg.seeds) > 1:
+        a = np.array([by["actor"][s]["final_return"] for s in cfg.seeds])
+        c = np.array([by["central"][s]["final_return"] for s in cfg.seeds])
+        test = welch(a, c)
+        paired = a - c
+        test["paired_diffs"] = {str(s): float(d) for s, d in zip(cfg.seeds, paired)}
+        # "within noise": the placements differ by less than the seed-to-seed spread of either one
+        spread = max(float(a.std(ddof=1)), float(c.std(ddof=1)))
+        test["seed_sd"] = spread
+        test["within_noise"] = bool(test["ci95"][0] <= 0 <= test["ci95"][1])
+        summary["actor_minus_central"] = test
+    return summary
+
+
+def plot(results: list[dict[str, Any]], cfg: PlacementConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"actor": "tab:blue", "central": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in results:
+        curve = np.array(r["curve"], dtype=float)
+        label = f"{r['placement']} (seed {r['seed']})"
+        ax.plot(curve[:, 0], curve[:, 1], color=colours[r["placement"]], alpha=0.8, lw=1.2,
+                ls=["-", "--", ":", "-."][cfg.seeds.index(r["seed"]) % 4], label=label)  # fmt: skip
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("mean return, last 100 episodes")
+    ax.set_title(f"{cfg.env_id} ({cfg.num_levels} levels, {cfg.distribution_mode}), {cfg.policy}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare_placements(
+    cfg: PlacementConfig, echo: Callable[[str], None] = print, progress: bool = True
+) -> dict[str, Any]:
+    """Train every (seed, placement) run that is not done yet, then summarise and plot."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(out / "config.json", to_dict(cfg))
+    results = []
+    total = len(cfg.seeds) * len(cfg.placements)
+    for seed in cfg.seeds:
+        for placement in cfg.placements:
+            echo(f"[{len(results) + 1}/{total}] {placement} inference, seed {seed}")
+            r = run_one(cfg, placement, seed, progress)
+            echo(f"    final mean return {r['final_return']:.2f}, {r['steps_per_s']:.0f} steps/s")
+            results.append(r)
+    summary = summarise(results, cfg)
+    save_json(out / "summary.json", summary)
+    plot(results, cfg, out / "curves.png")
+    return summary
