@@ -282,6 +282,12 @@ class CentralSampler:
 
         return sample_actions(self.policy, obs, self.generator, self.device)
 
+    def _value(self, obs: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.policy(torch.from_numpy(obs).to(self.device)).value.float().cpu().numpy()
+
     def collect(self):
         import ray
 
@@ -318,7 +324,7 @@ class CentralSampler:
             obs = np.concatenate([p[0] for p in parts])
             seeds = np.concatenate([p[4] for p in parts])
         self.current = (obs, seeds)
-        _, _, last_value = self._act(obs)
+        last_value = self._value(obs)  # no draw: the sampling stream stays the rollout actor's
         self.policy.train(was_training)
         rollout = batch.build(obs, last_value, self.version)
         return rollout, {"inference_s": infer_s, "wait_s": wait_s}

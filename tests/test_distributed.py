@@ -80,6 +80,58 @@ def test_ray_training_runs_with_bounded_lag(local_ray, tmp_path, inference, lag)
         assert max(s["lag"] for s in stats) == 1  # pipelined: exactly one version behind
 
 
+def recorded_run(cfg: TrainConfig):
+    """Train ``cfg`` -> (every rollout the learner consumed, final weights)."""
+    from loupe.rundir import RunDir
+
+    trainer = Trainer(cfg, progress=False)
+    RunDir(cfg.run_dir).create()
+    rollouts = []
+    original = trainer.learner.update
+
+    def spy(rollout):
+        rollouts.append(rollout)
+        return original(rollout)
+
+    trainer.learner.update = spy
+    trainer.train()
+    return rollouts, trainer.weights()
+
+
+@pytest.mark.integration
+def test_actor_and_central_inference_learn_the_same_without_lag(local_ray, tmp_path):
+    """Same seed, lag 0: the placement only moves the forward pass, so the runs are the same run.
+
+    With one actor the rollout actor's sampling generator and the central one share the seed, so
+    every frame, action, reward and log-probability, and the weights after the last update, agree.
+    """
+    import numpy as np
+
+    actor_run = recorded_run(
+        tiny(tmp_path / "actor", actors=1, inference="actor", lag=0, total=128)
+    )
+    central_run = recorded_run(tiny(tmp_path / "central", actors=1, inference="central", total=128))
+    (ra, wa), (rc, wc) = actor_run, central_run
+    assert len(ra) == len(rc) == 4
+    for a, c in zip(ra, rc):
+        assert a.policy_version == c.policy_version
+        np.testing.assert_array_equal(a.obs, c.obs)
+        np.testing.assert_array_equal(a.actions, c.actions)
+        np.testing.assert_array_equal(a.rewards, c.rewards)
+        np.testing.assert_array_equal(a.dones, c.dones)
+        np.testing.assert_allclose(a.logprobs, c.logprobs, atol=1e-5)
+        np.testing.assert_allclose(a.values, c.values, atol=1e-5)
+    assert wa.keys() == wc.keys()
+    for name in wa:
+        np.testing.assert_allclose(wa[name], wc[name], atol=1e-5, err_msg=name)
+    # and the updates did move the weights: the agreement is not two untouched initialisations
+    init = Trainer(tiny(tmp_path / "init", actors=1, inference="central", total=128),
+                   progress=False)  # fmt: skip
+    moved = max(float(np.abs(wa[k] - v).max()) for k, v in init.weights().items())
+    init.sampler.close()
+    assert moved > 1e-4
+
+
 @pytest.mark.integration
 def test_killed_rollout_actor_is_restarted_and_training_completes(local_ray, tmp_path):
     import ray
