@@ -131,12 +131,13 @@ def run_one(cfg: PlacementConfig, placement: str, seed: int, progress: bool) -> 
     result = {
         "placement": placement,
         "seed": seed,
-        "final_return": float(last["mean_return_100"]),
+        # None when no episode ended within the budget (the summary then asks for more steps)
+        "final_return": last.get("mean_return_100"),
         "steps": int(trainer.learner.global_step),
         "wall_s": wall,
         "steps_per_s": trainer.learner.global_step / wall,
         "max_policy_lag": max(h["policy_lag"] for h in history),
-        "curve": [[h["step"], h.get("mean_return_100", math.nan)] for h in history],
+        "curve": [[h["step"], h.get("mean_return_100")] for h in history],
         "config": to_dict(train_cfg),
     }
     save_json(result_path, result)
@@ -166,6 +167,12 @@ def welch(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 def summarise(results: list[dict[str, Any]], cfg: PlacementConfig) -> dict[str, Any]:
     """Per-placement statistics, paired differences and Welch's test of actor - central."""
+    unfinished = [f"{r['placement']}-seed{r['seed']}" for r in results if r["final_return"] is None]
+    if unfinished:
+        raise LoupeError(
+            f"no episode ended in {', '.join(unfinished)}; raise --total-steps so that every run "
+            "finishes episodes"
+        )
     by = {p: {r["seed"]: r for r in results if r["placement"] == p} for p in cfg.placements}
     summary: dict[str, Any] = {"config": to_dict(cfg), "placements": {}}
     for p, runs in by.items():
@@ -200,7 +207,7 @@ def plot(results: list[dict[str, Any]], cfg: PlacementConfig, path: Path) -> Non
     colours = {"actor": "tab:blue", "central": "tab:orange"}
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for r in results:
-        curve = np.array(r["curve"], dtype=float)
+        curve = np.array([(s, np.nan if v is None else v) for s, v in r["curve"]], dtype=float)
         label = f"{r['placement']} (seed {r['seed']})"
         ax.plot(curve[:, 0], curve[:, 1], color=colours[r["placement"]], alpha=0.8, lw=1.2,
                 ls=["-", "--", ":", "-."][cfg.seeds.index(r["seed"]) % 4], label=label)  # fmt: skip
@@ -227,7 +234,8 @@ def compare_placements(
         for placement in cfg.placements:
             echo(f"[{len(results) + 1}/{total}] {placement} inference, seed {seed}")
             r = run_one(cfg, placement, seed, progress)
-            echo(f"    final mean return {r['final_return']:.2f}, {r['steps_per_s']:.0f} steps/s")
+            ret = "no episode ended" if r["final_return"] is None else f"{r['final_return']:.2f}"
+            echo(f"    final mean return {ret}, {r['steps_per_s']:.0f} steps/s")
             results.append(r)
     summary = summarise(results, cfg)
     save_json(out / "summary.json", summary)
