@@ -211,8 +211,8 @@ def run_benchmarks(config: BenchConfig, echo: Callable[[str], None] = print) -> 
 
 @benchmark("pipeline")
 def bench_pipeline(opts: dict[str, Any]) -> dict[str, Any]:
-    """Ray rollout actors (actor inference) with 1 and 2 actors vs raw env and inference, one run."""
-    from loupe.distributed import RaySampler, init_ray
+    """Ray rollout actors with 1 and 2 actors (and 1 with central inference) vs raw env and inference."""
+    from loupe.distributed import CentralSampler, RaySampler, init_ray
 
     envs_per_actor, steps = 8, 64
     init_ray(None)
@@ -229,28 +229,32 @@ def bench_pipeline(opts: dict[str, Any]) -> dict[str, Any]:
     out["single_actor_limit_steps_per_s"] = 1 / (
         1 / out["raw_env_steps_per_s"] + 1 / out["inference_steps_per_s"]
     )
-    import tempfile
-
     from attention import build_policy
 
-    weights = {
-        k: v.numpy() for k, v in build_policy("impala", (3, 64, 64), 15).state_dict().items()
-    }
-    for actors in (1, 2):
+    policy = build_policy("impala", (3, 64, 64), 15)
+    weights = {k: v.numpy() for k, v in policy.state_dict().items()}
+
+    def sampler_sps(actors: int, inference: str) -> float:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = _train_config("procgen:coinrun", "impala", envs_per_actor * actors, steps,
                                 10**9, tmp, actors=actors)  # fmt: skip
-            sampler = RaySampler(cfg)
+            cfg.inference = inference
+            sampler = (CentralSampler if inference == "central" else RaySampler)(cfg)
+            if inference == "central":
+                sampler.attach(policy.eval(), torch.device("cpu"))
             sampler.start(weights, 0)
-            sampler.collect()  # warm-up
-            t0, batches = time.perf_counter(), 0
-            while time.perf_counter() - t0 < opts["seconds"] * 2:
-                sampler.collect()
-                batches += 1
-            sps = batches * steps * envs_per_actor * actors / (time.perf_counter() - t0)
+            elapsed, batches = _timed(sampler.collect, opts["seconds"] * 2, warmup=1)
             sampler.close()
+        return batches * steps * envs_per_actor * actors / elapsed
+
+    for actors in (1, 2):
+        sps = sampler_sps(actors, "actor")
         out[f"actors_{actors}_steps_per_s"] = sps
         out[f"actors_{actors}_vs_single_actor_limit"] = sps / out["single_actor_limit_steps_per_s"]
+    # central inference: the actor only steps envs, this process runs the policy between steps
+    sps = sampler_sps(1, "central")
+    out["central_actors_1_steps_per_s"] = sps
+    out["central_actors_1_vs_single_actor_limit"] = sps / out["single_actor_limit_steps_per_s"]
     return out
 
 
