@@ -18,24 +18,22 @@ class NatureConfig:
     """The Nature-DQN network has no options."""
 
 
-class NatureCNN(Policy):
-    """Mnih et al. 2015: conv 32 8x8/4, 64 4x4/2, 64 3x3/1, fc 512; layers c1, c2, c3, fc."""
+class NatureTrunk:
+    """The Nature-DQN convolutions c1-c3 (32 8x8/4, 64 4x4/2, 64 3x3/1, ReLU), for Policy subclasses.
 
-    name = "nature"
+    Shared by ``NatureCNN`` and the region-attention policies; the modules keep the names c1, c2, c3.
+    """
 
-    def __init__(self, obs_shape: Sequence[int], n_actions: int, config: NatureConfig) -> None:
-        super().__init__(obs_shape, n_actions, config)
+    def _build_trunk(self) -> tuple[int, int]:
+        """Create c1-c3 for ``self.obs_shape`` -> (height, width) of the c3 output."""
         c, h, w = self.obs_shape
-        h1, w1 = conv_out(h, 8, 4), conv_out(w, 8, 4)
-        h2, w2 = conv_out(h1, 4, 2), conv_out(w1, 4, 2)
-        h3, w3 = conv_out(h2, 3, 1), conv_out(w2, 3, 1)
+        h3 = conv_out(conv_out(conv_out(h, 8, 4), 4, 2), 3, 1)
+        w3 = conv_out(conv_out(conv_out(w, 8, 4), 4, 2), 3, 1)
         require_positive(self.name, self.obs_shape, h3, w3)
         self.c1 = nn.Conv2d(c, 32, 8, 4)
         self.c2 = nn.Conv2d(32, 64, 4, 2)
         self.c3 = nn.Conv2d(64, 64, 3, 1)
-        self.fc = nn.Linear(64 * h3 * w3, 512)  # 3136 at 84x84
-        stages = [("c1", "_c1"), ("c2", "_c2"), ("c3", "_c3"), ("fc", "_fc")]
-        self._build_heads(stages, 512)
+        return h3, w3
 
     def _c1(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.c1(x))  # (N, 32, 20, 20) at 84x84
@@ -45,6 +43,19 @@ class NatureCNN(Policy):
 
     def _c3(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.c3(x))  # (N, 64, 7, 7)
+
+
+class NatureCNN(NatureTrunk, Policy):
+    """Mnih et al. 2015: conv 32 8x8/4, 64 4x4/2, 64 3x3/1, fc 512; layers c1, c2, c3, fc."""
+
+    name = "nature"
+
+    def __init__(self, obs_shape: Sequence[int], n_actions: int, config: NatureConfig) -> None:
+        super().__init__(obs_shape, n_actions, config)
+        h3, w3 = self._build_trunk()
+        self.fc = nn.Linear(64 * h3 * w3, 512)  # 3136 at 84x84
+        stages = [("c1", "_c1"), ("c2", "_c2"), ("c3", "_c3"), ("fc", "_fc")]
+        self._build_heads(stages, 512)
 
     def _fc(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.fc(x.flatten(1)))  # (N, 512)

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention.base import Policy, conv_out, entropy, require_positive
+from attention.base import Policy, entropy
+from attention.nets import NatureTrunk
 from loupe.errors import LoupeError
 
 #: the ways to turn attention logits into maps
@@ -51,7 +52,7 @@ class RegionConfig:
             )
 
 
-class RegionPolicy(Policy):
+class RegionPolicy(NatureTrunk, Policy):
     """Nature trunk -> L2 normalisation -> two attention maps gating the features -> fc 512.
 
     Modules: c1, c2, c3 (Conv2d), a1 (1x1, 64->512), a2 (1x1, 512->2), fc, pi, v.
@@ -64,13 +65,7 @@ class RegionPolicy(Policy):
 
     def __init__(self, obs_shape: Sequence[int], n_actions: int, config: RegionConfig) -> None:
         super().__init__(obs_shape, n_actions, config)
-        c, h, w = self.obs_shape
-        h3 = conv_out(conv_out(conv_out(h, 8, 4), 4, 2), 3, 1)
-        w3 = conv_out(conv_out(conv_out(w, 8, 4), 4, 2), 3, 1)
-        require_positive(self.name, self.obs_shape, h3, w3)
-        self.c1 = nn.Conv2d(c, 32, 8, 4)
-        self.c2 = nn.Conv2d(32, 64, 4, 2)
-        self.c3 = nn.Conv2d(64, 64, 3, 1)
+        h3, w3 = self._build_trunk()
         self.a1 = nn.Conv2d(64, 512, 1)
         self.a2 = nn.Conv2d(512, self.maps, 1)
         self.fc = nn.Linear(64 * h3 * w3, 512)  # 3136 at 84x84
@@ -87,15 +82,6 @@ class RegionPolicy(Policy):
     @property
     def has_attention(self) -> bool:
         return True
-
-    def _c1(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.c1(x))  # (N, 32, 20, 20) at 84x84
-
-    def _c2(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.c2(x))  # (N, 64, 9, 9)
-
-    def _c3(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.c3(x))  # (N, 64, 7, 7)
 
     def _c3n(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, p=2, dim=1)  # unit L2 norm over channels at each position
