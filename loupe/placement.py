@@ -14,6 +14,7 @@ so an interrupted comparison loses at most the run in progress.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import shutil
@@ -112,7 +113,8 @@ def run_one(cfg: PlacementConfig, placement: str, seed: int, progress: bool) -> 
     result_path = runs / f"{placement}-seed{seed}.json"
     if result_path.exists():
         result = load_json(result_path)
-        if result.get("config") == to_dict(cfg.train_config(placement, seed, run_dir)):
+        wanted = json.loads(json.dumps(to_dict(cfg.train_config(placement, seed, run_dir))))
+        if result.get("config") == wanted:
             return result
         raise LoupeError(
             f"{result_path} was trained with other settings; use another --out or delete it"
@@ -226,8 +228,19 @@ def compare_placements(
 ) -> dict[str, Any]:
     """Train every (seed, placement) run that is not done yet, then summarise and plot."""
     out = Path(cfg.out)
+    settings = json.loads(json.dumps(to_dict(cfg)))  # tuples as lists, as read back from JSON
+    if (out / "config.json").exists():  # more seeds may join a comparison; other settings may not
+        before = load_json(out / "config.json")
+        changed = sorted(
+            k for k in settings if k not in ("seeds", "out") and before.get(k) != settings[k]
+        )
+        if changed:
+            raise LoupeError(
+                f"{out} holds a comparison with other settings ({', '.join(changed)}); "
+                "use another --out"
+            )
     out.mkdir(parents=True, exist_ok=True)
-    save_json(out / "config.json", to_dict(cfg))
+    save_json(out / "config.json", settings)
     results = []
     total = len(cfg.seeds) * len(cfg.placements)
     for seed in cfg.seeds:

@@ -96,7 +96,9 @@ def test_tiny_comparison_trains_both_placements_and_resumes(tmp_path):
         # the same out dir with other settings is refused instead of mixing two comparisons
         other = PlacementConfig(env_id="procgen:bigfish", num_envs=4, num_steps=32, minibatches=2, epochs=2, total_steps=512,
                                 seeds=(1, 2), out=str(tmp_path / "cmp"))  # fmt: skip
-        with pytest.raises(LoupeError, match="other settings"):
+        saved = (tmp_path / "cmp" / "config.json").read_text()
+        with pytest.raises(LoupeError, match=r"other settings \(epochs\)"):
             compare_placements(other, echo=lambda _: None, progress=False)
+        assert (tmp_path / "cmp" / "config.json").read_text() == saved
     finally:
         ray.shutdown()
