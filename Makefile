@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loupe-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup check lint format test test-all bench demo clean
+.PHONY: setup check lint format test test-all bench bench-placement demo clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ test-all: setup
 
 bench: setup
 	$(VENV)/bin/loupe bench --out bench/results.json
+
+# actor vs central inference, 5 seeds x 160k CoinRun steps each (about 45 min on 2 cores); resumable
+bench-placement: setup
+	$(VENV)/bin/loupe compare-placements --seeds 1 2 3 4 5 --out bench/placement
 
 demo: setup
 	$(VENV)/bin/loupe demo

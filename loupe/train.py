@@ -132,6 +132,10 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.bus = None
         self.redis_server = None
+        #: checkpoints saved but not yet announced (Redis was unreachable), oldest first
+        self.unannounced: list[Path] = []
+        self._revived = 0
+        self.resumed = resume
         if resume:
             self._restore()
 
@@ -173,6 +177,48 @@ class Trainer:
         return path
 
     def _announce(self, path: Path) -> None:
+        """Announce ``path`` (and any checkpoint an earlier outage left unannounced), oldest first.
+
+        A lost Redis never stops training: the checkpoint is on disk already, the announcement
+        waits for the next checkpoint (the run's private server is started again over its
+        append-only file at once), and `loupe train --resume` announces what is still missing.
+        """
+        self.unannounced.append(path)
+        self._flush_announcements()
+
+    def _flush_announcements(self) -> None:
+        import redis
+
+        while self.unannounced:
+            try:
+                self._publish(self.unannounced[0])
+            except (redis.exceptions.RedisError, OSError) as exc:
+                if self._revive_private_server():
+                    continue
+                log.warning(
+                    "Redis unreachable (%s): %d checkpoint(s) saved but not announced yet; "
+                    "retrying at the next checkpoint",
+                    type(exc).__name__,
+                    len(self.unannounced),
+                )
+                return
+            self.unannounced.pop(0)
+
+    def _revive_private_server(self) -> bool:
+        """Start the run's own redis-server again if it died; True when it is back."""
+        server = self.redis_server
+        if server is None or server.alive() or self._revived >= 3:
+            return False
+        self._revived += 1
+        try:
+            server.restart()  # same port and password; the AOF replays every announcement
+        except LoupeError as exc:
+            log.warning("the run's redis-server died and did not start again: %s", exc)
+            return False
+        log.warning("the run's redis-server died; started it again over its append-only file")
+        return True
+
+    def _publish(self, path: Path) -> None:
         from loupe.bus import CheckpointAnnouncement
 
         meta = load_json(path.with_suffix(".json"))
@@ -186,6 +232,18 @@ class Trainer:
                 env=self.config.env.env_id,
             )
         )
+
+    def _announce_missing(self) -> None:
+        """On resume: announce checkpoints newer than the newest announcement in the stream."""
+        from learner.checkpoint import list_checkpoints
+
+        announced = [a.step for _, a in self.bus.announcements()]
+        newest = max(announced, default=-1)
+        missing = [p for p in list_checkpoints(self.run.path) if int(load_json(p)["step"]) > newest]
+        if missing:
+            log.info("announcing %d checkpoint(s) saved while Redis was away", len(missing))
+            self.unannounced.extend(missing)
+            self._flush_announcements()
 
     # -- the bus -------------------------------------------------------------------------------
     def open_bus(self) -> None:
@@ -203,6 +261,8 @@ class Trainer:
                 "private redis-server on %s:%d", self.redis_server.host, self.redis_server.port
             )
         self.bus = CheckpointBus(connect(url), self.config.run_id)
+        if self.resumed:
+            self._announce_missing()
 
     def close_bus(self) -> None:
         if self.bus is not None:
@@ -284,6 +344,14 @@ class Trainer:
             bar.close()
             writer.close()
             self.sampler.close()
+            if self.unannounced:
+                log.warning(
+                    "%d checkpoint(s) are saved in %s but not announced (Redis unreachable); once "
+                    "Redis is back, `loupe train --resume %s` announces them",
+                    len(self.unannounced),
+                    self.run.checkpoints,
+                    self.run.path,
+                )
             self.close_bus()
         return last
 
