@@ -246,11 +246,14 @@ class CentralSampler:
         self.config = config
         self.num_steps = config.ppo.num_steps
         self.envs = [config.envs_per_actor] * config.actors
-        remote_cls = ray.remote(num_cpus=1, max_restarts=0)(EnvStepper)
+        remote_cls = ray.remote(num_cpus=1, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=0)(
+            EnvStepper
+        )
         self.actors = [
             remote_cls.remote(actor_env_config(config.env, i, config.envs_per_actor))
             for i in range(config.actors)
         ]
+        self.actor_failures = 0
         self.obs_shape, self.n_actions = ray.get(self.actors[0].spaces.remote())
         self.policy = None
         self.device = None
@@ -289,7 +292,6 @@ class CentralSampler:
             return self.policy(torch.from_numpy(obs).to(self.device)).value.float().cpu().numpy()
 
     def collect(self):
-        import ray
 
         from learner.rollout import RolloutBuilder
 
@@ -309,7 +311,7 @@ class CentralSampler:
             refs = [
                 a.step.remote(actions[bounds[i] : bounds[i + 1]]) for i, a in enumerate(self.actors)
             ]
-            parts = ray.get(refs)
+            parts = [self._get_step(i, ref) for i, ref in enumerate(refs)]
             t2 = time.perf_counter()
             infer_s += t1 - t0
             wait_s += t2 - t1
@@ -327,7 +329,43 @@ class CentralSampler:
         last_value = self._value(obs)  # no draw: the sampling stream stays the rollout actor's
         self.policy.train(was_training)
         rollout = batch.build(obs, last_value, self.version)
-        return rollout, {"inference_s": infer_s, "wait_s": wait_s}
+        return rollout, {
+            "inference_s": infer_s,
+            "wait_s": wait_s,
+            "actor_failures": float(self.actor_failures),
+        }
+
+    def _get_step(self, i: int, ref):
+        """One env step of stepper ``i``. If the stepper died, Ray restarts it (fresh episodes):
+        its envs' episodes are cut at this step (done, reward 0) and the rollout goes on."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        try:
+            return ray.get(ref)
+        except (ActorUnavailableError, RayActorError) as exc:
+            self.actor_failures += 1
+            if self.actor_failures > ACTOR_MAX_RESTARTS * len(self.actors):
+                raise LoupeError(
+                    f"env stepper {i} keeps dying ({self.actor_failures} losses); the last "
+                    "checkpoint is kept: check the actor logs, then `loupe train --resume`"
+                ) from None
+            log.warning("env stepper %d lost (%s); its episodes are cut and restarted",
+                        i, type(exc).__name__)  # fmt: skip
+        deadline = time.monotonic() + ACTOR_RESTART_WAIT_S
+        while True:
+            try:
+                obs, seeds = ray.get(self.actors[i].current.remote())
+                break
+            except (ActorUnavailableError, RayActorError):
+                if time.monotonic() > deadline:
+                    raise LoupeError(
+                        f"env stepper {i} did not come back within {ACTOR_RESTART_WAIT_S} s; the "
+                        "last checkpoint is kept: `loupe train --resume` continues"
+                    ) from None
+                time.sleep(0.5)
+        n = len(obs)
+        return obs, np.zeros(n, np.float32), np.ones(n, bool), [], seeds
 
     def close(self) -> None:
         import ray
