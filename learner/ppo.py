@@ -39,19 +39,24 @@ def ppo_loss(
     """Clipped-surrogate PPO loss on one minibatch of B samples -> (loss, detached stats).
 
     ``mb`` holds ``actions``, ``logprobs`` (behaviour), ``values`` (behaviour), ``advantages`` and
-    ``returns``, all (B,). loss = policy_loss - ent_coef * entropy + vf_coef * value_loss
+    ``returns``, all (B,), and for decoupled PPO ``prox_logprobs`` (the learner's, before the update). loss = policy_loss - ent_coef * entropy + vf_coef * value_loss
     (+ attn_coef * mean attention entropy when attn_coef > 0).
     """
     logp_all = torch.log_softmax(out.logits, dim=-1)  # (B, A)
     newlogp = logp_all.gather(1, mb["actions"][:, None]).squeeze(1)  # (B,)
     entropy = -(logp_all.exp() * logp_all).sum(-1)  # (B,)
-    logratio = newlogp - mb["logprobs"]  # (B,)
+    # decoupled PPO: the ratio is against the proximal policy; pi_prox / pi_behaviour weights it
+    anchor = mb.get("prox_logprobs", mb["logprobs"])
+    logratio = newlogp - anchor  # (B,)
     ratio = logratio.exp()
     adv = mb["advantages"]
     if cfg.norm_adv:
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
     clipped_ratio = ratio.clamp(1 - clip_coef, 1 + clip_coef)
-    pg_loss = torch.max(-adv * ratio, -adv * clipped_ratio).mean()
+    surrogate = torch.max(-adv * ratio, -adv * clipped_ratio)  # (B,)
+    if "prox_logprobs" in mb:
+        surrogate = (mb["prox_logprobs"] - mb["logprobs"]).exp() * surrogate
+    pg_loss = surrogate.mean()
     v_loss = value_loss(out.value, mb, clip_coef if cfg.clip_vloss else None)
     loss = pg_loss - cfg.ent_coef * entropy.mean() + cfg.vf_coef * v_loss
     stats: dict[str, torch.Tensor] = {}
@@ -140,7 +145,13 @@ class PPOLearner:
         lr, clip = self.schedule()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.cfg.proximal == "learner":
+            flat["prox_logprobs"] = self._logprobs(obs, flat["actions"])
         result = self._epochs(obs, flat, clip)
+        if "prox_logprobs" in flat:
+            lag_kl = flat["prox_logprobs"] - flat["logprobs"]  # log pi_prox / pi_behaviour
+            result["behaviour_weight_max"] = float(lag_kl.exp().max())
+            result["behaviour_kl"] = float(((lag_kl.exp() - 1) - lag_kl).mean())
         self.global_step += rollout.actions.size
         self.update_index += 1
         result["explained_variance"] = explained_variance(
@@ -177,6 +188,17 @@ class PPOLearner:
         flat = {k: torch.from_numpy(v.reshape(b)).to(self.device) for k, v in arrays.items()}
         obs = torch.from_numpy(rollout.obs.reshape(b, *rollout.obs.shape[2:])).to(self.device)
         return obs, flat  # (B, C, H, W), {key: (B,)}
+
+    @torch.no_grad()
+    def _logprobs(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """(B,) log-probabilities of ``actions`` under the current weights, in minibatches."""
+        self.policy.train()  # the mode the epochs run in
+        out = []
+        for start in range(0, obs.shape[0], self.cfg.minibatch_size):
+            logits = self.policy(obs[start : start + self.cfg.minibatch_size]).logits.float()
+            logp = torch.log_softmax(logits, dim=-1)
+            out.append(logp.gather(1, actions[start : start + len(logp), None]).squeeze(1))
+        return torch.cat(out)
 
     def _epochs(
         self, obs: torch.Tensor, flat: dict[str, torch.Tensor], clip: float

@@ -20,6 +20,10 @@ def register(sub) -> None:
     p.add_argument("--total-steps", type=int, default=160_000, help="environment steps per run")
     p.add_argument("--actors", type=int, default=1, help="Ray rollout actors per run")
     p.add_argument("--actor-lag", type=int, default=1, help="policy lag of the actor placement")
+    p.add_argument("--proximal", choices=["behaviour", "learner"], default="behaviour",
+                   help="PPO ratio anchor of every run (learner: decoupled PPO)")  # fmt: skip
+    p.add_argument("--placements", nargs="+", choices=["actor", "central"],
+                   default=["actor", "central"], help="placements to train")  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--out", default="bench/placement", help="output directory (resumable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -43,6 +47,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         total_steps=args.total_steps,
         actors=args.actors,
         actor_lag=args.actor_lag,
+        proximal=args.proximal,
+        placements=tuple(args.placements),
         seeds=tuple(args.seeds),
         out=args.out,
     )

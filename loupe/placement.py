@@ -51,6 +51,8 @@ class PlacementConfig:
     actors: int = 1
     #: policy lag of the ``actor`` placement (``central`` is always 0)
     actor_lag: int = 1
+    #: PPO ratio anchor of every run: "behaviour" (classic) or "learner" (decoupled PPO)
+    proximal: str = "behaviour"
     seeds: tuple[int, ...] = (1, 2, 3)
     placements: tuple[str, ...] = PLACEMENTS
     out: str = "bench/placement"
@@ -80,6 +82,7 @@ class PlacementConfig:
             update_epochs=self.epochs,
             total_steps=self.total_steps,
             seed=seed,
+            proximal=self.proximal,
         )
         env = EnvConfig(
             self.env_id,

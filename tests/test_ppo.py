@@ -138,8 +138,11 @@ def loss_reference(logits, value, attn_h, mb, clip, cfg):
         top = max(z)
         norm = sum(math.exp(x - top) for x in z)
         p = [math.exp(x - top) / norm for x in z]
-        ratio = math.exp(math.log(p[int(mb["actions"][i])]) - float(mb["logprobs"][i]))
-        pg += max(-adv[i] * ratio, -adv[i] * min(max(ratio, 1 - clip), 1 + clip))
+        behaviour = float(mb["logprobs"][i])
+        prox = float(mb["prox_logprobs"][i]) if "prox_logprobs" in mb else behaviour
+        ratio = math.exp(math.log(p[int(mb["actions"][i])]) - prox)
+        weight = math.exp(prox - behaviour)  # decoupled PPO's pi_prox / pi_behaviour
+        pg += weight * max(-adv[i] * ratio, -adv[i] * min(max(ratio, 1 - clip), 1 + clip))
         ent += -sum(q * math.log(q) for q in p)
         v, ret, old = float(value[i]), float(mb["returns"][i]), float(mb["values"][i])
         if cfg.clip_vloss:
@@ -194,6 +197,22 @@ def test_ppo_loss_matches_per_sample_reference(clip_vloss, attn_coef, norm_adv):
 
 
 @pytest.mark.unit
+def test_decoupled_loss_matches_per_sample_reference_and_reduces_to_ppo():
+    cfg = PPOConfig(proximal="learner")
+    out, mb = random_minibatch()
+    g = torch.Generator().manual_seed(1)
+    mb["prox_logprobs"] = mb["logprobs"] + torch.randn(12, generator=g) * 0.3
+    loss, stats = ppo_loss(out, mb, 0.15, cfg)
+    ref, pg, _, _ = loss_reference(out.logits, out.value, None, mb, 0.15, cfg)
+    assert float(loss) == pytest.approx(ref, abs=1e-5)
+    assert float(stats["policy_loss"]) == pytest.approx(pg, abs=1e-5)
+    classic, _ = ppo_loss(out, {k: v for k, v in mb.items() if k != "prox_logprobs"}, 0.15, cfg)
+    assert abs(float(loss) - float(classic)) > 1e-3  # the anchor matters when the two differ
+    same = dict(mb, prox_logprobs=mb["logprobs"].clone())  # proximal == behaviour: plain PPO
+    assert float(ppo_loss(out, same, 0.15, cfg)[0]) == pytest.approx(float(classic), abs=1e-6)
+
+
+@pytest.mark.unit
 def test_attention_term_at_uniform_attention_is_coef_times_2_ln_49():
     # two uniform 7x7 maps: summed entropy 2 ln 49 per sample (METHODS A)
     out, mb = random_minibatch()
@@ -238,6 +257,28 @@ def test_one_update_lowers_the_loss_on_its_batch():
         assert math.isfinite(stats[key]), key
     assert stats["approx_kl"] >= 0 and 0 <= stats["clipfrac"] <= 1
     assert "attn_entropy" not in stats
+
+
+@pytest.mark.unit
+def test_decoupled_update_equals_ppo_at_lag_0_and_differs_on_a_stale_batch():
+    def updated(proximal: str, rollout_from=None):
+        torch.manual_seed(0)
+        policy = TinyPolicy()
+        rollout = tiny_rollout(rollout_from or policy)
+        learner = PPOLearner(policy, small_cfg(proximal=proximal))
+        stats = learner.update(rollout)
+        return torch.cat([p.detach().flatten() for p in policy.parameters()]), stats
+
+    classic, _ = updated("behaviour")
+    decoupled, stats = updated("learner")
+    torch.testing.assert_close(decoupled, classic, atol=1e-6, rtol=0)  # lag 0: the same update
+    assert stats["behaviour_weight_max"] == pytest.approx(1.0, abs=1e-5)
+    torch.manual_seed(1)
+    stale = TinyPolicy()  # sampled by other weights than the learner's: lag >= 1
+    classic, _ = updated("behaviour", stale)
+    decoupled, stats = updated("learner", stale)
+    assert float((decoupled - classic).abs().max()) > 1e-4
+    assert stats["behaviour_kl"] > 0 and stats["behaviour_weight_max"] > 1
 
 
 @pytest.mark.unit
