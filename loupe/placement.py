@@ -170,8 +170,36 @@ def welch(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     }
 
 
+#: the figures compared, per run
+METRICS = {
+    "final_return": "mean return of the last 100 training episodes at the end of the run",
+    "late_return": "mean of that figure over the updates of the last quarter of the run",
+}
+
+
+def late_return(curve: list) -> float:
+    """Mean of the curve's mean_return_100 over the updates in the last quarter of the steps."""
+    points = [(step, v) for step, v in curve if v is not None]
+    end = points[-1][0]
+    return float(np.mean([v for step, v in points if step >= 0.75 * end]))
+
+
+def compare(a: np.ndarray, c: np.ndarray, seeds: tuple[int, ...]) -> dict[str, Any]:
+    """actor - central: Welch's test, the paired per-seed differences and their t-test."""
+    from scipy import stats
+
+    test = welch(a, c)
+    paired = a - c
+    test["paired_diffs"] = {str(s): float(d) for s, d in zip(seeds, paired)}
+    test["paired_p"] = float(stats.ttest_rel(a, c).pvalue) if paired.std() > 0 else math.nan
+    test["seed_sd"] = max(float(a.std(ddof=1)), float(c.std(ddof=1)))
+    # within noise: the 95% interval of the difference holds 0
+    test["within_noise"] = bool(test["ci95"][0] <= 0 <= test["ci95"][1])
+    return test
+
+
 def summarise(results: list[dict[str, Any]], cfg: PlacementConfig) -> dict[str, Any]:
-    """Per-placement statistics, paired differences and Welch's test of actor - central."""
+    """Per-placement statistics of each metric, and actor - central for each (Welch, paired)."""
     unfinished = [f"{r['placement']}-seed{r['seed']}" for r in results if r["final_return"] is None]
     if unfinished:
         raise LoupeError(
@@ -179,27 +207,30 @@ def summarise(results: list[dict[str, Any]], cfg: PlacementConfig) -> dict[str, 
             "finishes episodes"
         )
     by = {p: {r["seed"]: r for r in results if r["placement"] == p} for p in cfg.placements}
-    summary: dict[str, Any] = {"config": to_dict(cfg), "placements": {}}
-    for p, runs in by.items():
-        finals = np.array([runs[s]["final_return"] for s in cfg.seeds])
-        summary["placements"][p] = {
-            "final_return": {str(s): runs[s]["final_return"] for s in cfg.seeds},
-            "mean": float(finals.mean()),
-            "sd": float(finals.std(ddof=1)) if len(finals) > 1 else math.nan,
-            "steps_per_s": float(np.mean([runs[s]["steps_per_s"] for s in cfg.seeds])),
-            "max_policy_lag": max(runs[s]["max_policy_lag"] for s in cfg.seeds),
+    values = {
+        p: {
+            "final_return": np.array([runs[s]["final_return"] for s in cfg.seeds]),
+            "late_return": np.array([late_return(runs[s]["curve"]) for s in cfg.seeds]),
         }
+        for p, runs in by.items()
+    }
+    summary: dict[str, Any] = {"config": to_dict(cfg), "metrics": METRICS, "placements": {}}
+    for p, runs in by.items():
+        entry: dict[str, Any] = {}
+        for metric, v in values[p].items():
+            entry[metric] = {
+                "per_seed": {str(s): float(x) for s, x in zip(cfg.seeds, v)},
+                "mean": float(v.mean()),
+                "sd": float(v.std(ddof=1)) if len(v) > 1 else math.nan,
+            }
+        entry["steps_per_s"] = float(np.mean([runs[s]["steps_per_s"] for s in cfg.seeds]))
+        entry["max_policy_lag"] = max(runs[s]["max_policy_lag"] for s in cfg.seeds)
+        summary["placements"][p] = entry
     if set(PLACEMENTS) <= set(by) and len(cfg.seeds) > 1:
-        a = np.array([by["actor"][s]["final_return"] for s in cfg.seeds])
-        c = np.array([by["central"][s]["final_return"] for s in cfg.seeds])
-        test = welch(a, c)
-        paired = a - c
-        test["paired_diffs"] = {str(s): float(d) for s, d in zip(cfg.seeds, paired)}
-        # "within noise": the placements differ by less than the seed-to-seed spread of either one
-        spread = max(float(a.std(ddof=1)), float(c.std(ddof=1)))
-        test["seed_sd"] = spread
-        test["within_noise"] = bool(test["ci95"][0] <= 0 <= test["ci95"][1])
-        summary["actor_minus_central"] = test
+        summary["actor_minus_central"] = {
+            metric: compare(values["actor"][metric], values["central"][metric], cfg.seeds)
+            for metric in METRICS
+        }
     return summary
 
 
@@ -234,8 +265,11 @@ def compare_placements(
     settings = json.loads(json.dumps(to_dict(cfg)))  # tuples as lists, as read back from JSON
     if (out / "config.json").exists():  # more seeds may join a comparison; other settings may not
         before = load_json(out / "config.json")
+        defaults = json.loads(json.dumps(to_dict(PlacementConfig())))  # for settings added since
         changed = sorted(
-            k for k in settings if k not in ("seeds", "out") and before.get(k) != settings[k]
+            k
+            for k in settings
+            if k not in ("seeds", "out") and before.get(k, defaults[k]) != settings[k]
         )
         if changed:
             raise LoupeError(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from loupe.errors import LoupeError
-from loupe.placement import PlacementConfig, compare_placements, summarise, welch
+from loupe.placement import PlacementConfig, compare_placements, late_return, summarise, welch
 
 
 @pytest.mark.unit
@@ -25,28 +25,46 @@ def test_welch_matches_scipy():
     assert ours["ci95"] == pytest.approx([ci.low, ci.high], rel=1e-8)
 
 
+def record(placement: str, seed: int, final: float, late: float) -> dict:
+    """A run record whose curve ends at ``final`` and averages ``late`` over its last quarter."""
+    curve = [[1000.0 * u, 0.0] for u in range(1, 6)] + [[7000.0, 2 * late - final], [8000.0, final]]
+    return {"placement": placement, "seed": seed, "final_return": final, "curve": curve,
+            "steps_per_s": 1.0, "max_policy_lag": 1.0 if placement == "actor" else 0.0}  # fmt: skip
+
+
+@pytest.mark.unit
+def test_late_return_averages_the_last_quarter_of_the_curve():
+    curve = [[1000.0, None], [2000.0, 1.0], [3000.0, 2.0], [4000.0, 4.0]]
+    assert late_return(curve) == pytest.approx(3.0)  # steps >= 0.75 * 4000: (2 + 4) / 2
+    curve = [[s * 1000.0, float(s)] for s in range(1, 9)]
+    assert late_return(curve) == pytest.approx(np.mean([6, 7, 8]))
+    assert late_return(record("actor", 1, 6.0, 5.0)["curve"]) == pytest.approx(5.0)
+
+
 @pytest.mark.unit
 def test_summary_pairs_runs_by_seed_and_flags_a_real_difference():
     cfg = PlacementConfig(seeds=(1, 2, 3), out="unused")
-    same = [{"placement": p, "seed": s, "final_return": 5.0 + 0.5 * s + (0.1 if p == "actor" else 0),
-             "steps_per_s": 1.0, "max_policy_lag": 1.0 if p == "actor" else 0.0}
+    same = [record(p, s, 5.0 + 0.5 * s + (0.1 if p == "actor" else 0), 4.0 + 0.3 * s)
             for p in ("actor", "central") for s in (1, 2, 3)]  # fmt: skip
     out = summarise(same, cfg)["actor_minus_central"]
-    assert out["paired_diffs"] == pytest.approx({"1": 0.1, "2": 0.1, "3": 0.1})
-    assert out["within_noise"]  # 0.1 against a seed spread of 0.5
-    apart = [dict(r, final_return=r["final_return"] + (4.0 if r["placement"] == "actor" else 0))
+    assert out["final_return"]["paired_diffs"] == pytest.approx({"1": 0.1, "2": 0.1, "3": 0.1})
+    assert out["final_return"]["within_noise"]  # 0.1 against a seed spread of 0.5
+    assert out["late_return"]["diff"] == pytest.approx(0.0, abs=1e-12)
+    # actor worse late in training on every seed, by far more than the seed spread
+    apart = [record(r["placement"], r["seed"], r["final_return"],
+                    late_return(r["curve"]) - (1.0 if r["placement"] == "actor" else 0))
              for r in same]  # fmt: skip
     out = summarise(apart, cfg)["actor_minus_central"]
-    assert out["diff"] == pytest.approx(4.1)
-    assert not out["within_noise"] and out["p"] < 0.01
+    assert out["late_return"]["diff"] == pytest.approx(-1.0)
+    assert not out["late_return"]["within_noise"] and out["late_return"]["p"] < 0.05
+    assert out["final_return"]["within_noise"]
 
 
 @pytest.mark.unit
 def test_runs_without_a_finished_episode_ask_for_more_steps():
     cfg = PlacementConfig(seeds=(1, 2), out="unused")
-    runs = [{"placement": p, "seed": s, "final_return": None if (p, s) == ("central", 2) else 3.0,
-             "steps_per_s": 1.0, "max_policy_lag": 0.0}
-            for p in ("actor", "central") for s in (1, 2)]  # fmt: skip
+    runs = [record(p, s, 3.0, 3.0) for p in ("actor", "central") for s in (1, 2)]
+    runs[3]["final_return"] = None  # central, seed 2
     with pytest.raises(LoupeError, match="no episode ended in central-seed2; raise --total-steps"):
         summarise(runs, cfg)
 
@@ -87,7 +105,9 @@ def test_tiny_comparison_trains_both_placements_and_resumes(tmp_path):
         assert summary["placements"]["actor"]["max_policy_lag"] == 1.0
         assert summary["placements"]["central"]["max_policy_lag"] == 0.0
         assert (tmp_path / "cmp" / "curves.png").stat().st_size > 5_000
-        assert set(summary["actor_minus_central"]) >= {"diff", "p", "ci95", "paired_diffs"}
+        for metric in ("final_return", "late_return"):
+            test = summary["actor_minus_central"][metric]
+            assert set(test) >= {"diff", "p", "ci95", "paired_diffs", "paired_p", "within_noise"}
         # a second call trains nothing: every run is read back from its result file
         stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*.json")}
         again = compare_placements(cfg, echo=lambda _: None, progress=False)
