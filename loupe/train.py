@@ -120,6 +120,8 @@ class Trainer:
         torch.manual_seed(config.ppo.seed)
         np.random.seed(config.ppo.seed)
         self.sampler = make_sampler(config)
+        # seeded again: the initial weights must not depend on what building the sampler drew
+        torch.manual_seed(config.ppo.seed)
         self.policy = build_policy(
             config.policy, self.sampler.obs_shape, self.sampler.n_actions, **config.policy_options
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -99,8 +100,9 @@ def recorded_run(cfg: TrainConfig):
 
 
 @pytest.mark.integration
-def test_actor_and_central_inference_learn_the_same_without_lag(local_ray, tmp_path):
-    """Same seed, lag 0: the placement only moves the forward pass, so the runs are the same run.
+def test_actor_central_and_in_process_sampling_learn_the_same_without_lag(local_ray, tmp_path):
+    """Same seed, lag 0: the placement only moves the forward pass, so the runs are the same run
+    (and so is the in-process sampler's).
 
     With one actor the rollout actor's sampling generator and the central one share the seed, so
     every frame, action, reward and log-probability, and the weights after the last update, agree.
@@ -111,9 +113,13 @@ def test_actor_and_central_inference_learn_the_same_without_lag(local_ray, tmp_p
         tiny(tmp_path / "actor", actors=1, inference="actor", lag=0, total=128)
     )
     central_run = recorded_run(tiny(tmp_path / "central", actors=1, inference="central", total=128))
+    in_process = dataclasses.replace(
+        tiny(tmp_path / "in-process", actors=1, lag=0, total=128), actors=0
+    )  # a RolloutActor in this process, no Ray
     (ra, wa), (rc, wc) = actor_run, central_run
-    assert len(ra) == len(rc) == 4
-    for a, c in zip(ra, rc):
+    ri, wi = recorded_run(in_process)
+    assert len(ra) == len(rc) == len(ri) == 4
+    for a, c in [*zip(ra, rc), *zip(ri, rc)]:
         assert a.policy_version == c.policy_version
         np.testing.assert_array_equal(a.obs, c.obs)
         np.testing.assert_array_equal(a.actions, c.actions)
@@ -121,9 +127,10 @@ def test_actor_and_central_inference_learn_the_same_without_lag(local_ray, tmp_p
         np.testing.assert_array_equal(a.dones, c.dones)
         np.testing.assert_allclose(a.logprobs, c.logprobs, atol=1e-5)
         np.testing.assert_allclose(a.values, c.values, atol=1e-5)
-    assert wa.keys() == wc.keys()
+    assert wa.keys() == wc.keys() == wi.keys()
     for name in wa:
         np.testing.assert_allclose(wa[name], wc[name], atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(wi[name], wc[name], atol=1e-5, err_msg=name)
     # and the updates did move the weights: the agreement is not two untouched initialisations
     init = Trainer(tiny(tmp_path / "init", actors=1, inference="central", total=128),
                    progress=False)  # fmt: skip

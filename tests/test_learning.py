@@ -1,7 +1,7 @@
 """Learning test (make test-all): PPO must clearly beat a random policy within a fixed CPU budget.
 
 Task: CoinRun, easy distribution, 200 training levels, Nature CNN, 32 envs x 128 steps, 160k steps
-(about 6 minutes on 2 CPU cores). Margin: the mean return of the last 100 training episodes must
+(about 5 minutes on 2 CPU cores), seed 1 for weights, sampling and levels. Margin: the mean return of the last 100 training episodes must
 exceed a uniformly random policy's mean return on the same levels by at least 1.5 (of 10).
 """
 
@@ -18,7 +18,7 @@ from loupe.train import TrainConfig, Trainer
 MARGIN = 1.5
 
 
-def random_policy_return(episodes: int = 100) -> float:
+def random_policy_return(episodes: int = 300) -> float:
     env = make_vec_env(EnvConfig("procgen:coinrun", num_envs=32, seed=7, num_levels=200,
                                  distribution_mode="easy"))  # fmt: skip
     env.reset()
@@ -34,7 +34,7 @@ def random_policy_return(episodes: int = 100) -> float:
 def test_ppo_beats_random_on_coinrun(tmp_path):
     baseline = random_policy_return()
     ppo = PPOConfig.preset("procgen", num_envs=32, num_steps=128, num_minibatches=4,
-                           update_epochs=3, total_steps=160_000)  # fmt: skip
+                           update_epochs=3, total_steps=160_000, seed=1)  # fmt: skip
     env = EnvConfig("procgen:coinrun", num_envs=32, seed=1, num_levels=200,
                     distribution_mode="easy")  # fmt: skip
     cfg = TrainConfig(env=env, ppo=ppo, run_dir=str(tmp_path / "run"), policy="nature",
