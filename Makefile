@@ -39,9 +39,12 @@ test-all: setup
 bench: setup
 	$(VENV)/bin/loupe bench --out bench/results.json
 
-# actor vs central inference, 5 seeds x 160k CoinRun steps each (about 45 min on 2 cores); resumable
+# actor (lag 1) vs central inference, 5 seeds x 160k CoinRun steps each, classic PPO; then the actor
+# placement again with decoupled PPO (about 70 min on 2 cores in all); resumable, finished runs are kept
 bench-placement: setup
-	$(VENV)/bin/loupe compare-placements --seeds 1 2 3 4 5 --out bench/placement
+	$(VENV)/bin/loupe compare-placements --seeds 1 2 3 4 5 --proximal behaviour --out bench/placement
+	$(VENV)/bin/loupe compare-placements --seeds 1 2 3 4 5 --proximal learner --placements actor \
+		--out bench/placement-decoupled
 
 demo: setup
 	$(VENV)/bin/loupe demo

@@ -62,8 +62,9 @@ class PPOConfig:
     #: sampled the batch. "learner": decoupled PPO (Hilton et al. 2021): the learner's weights at
     #: the start of the update, with importance weights pi_learner / pi_behaviour on the surrogate,
     #: so a batch sampled with stale weights (policy lag >= 1) gets the full trust region. The two
-    #: agree when the batch was sampled with the learner's own weights (lag 0).
-    proximal: str = "behaviour"
+    #: agree when the batch was sampled with the learner's own weights (lag 0). "auto": "learner"
+    #: for a batch sampled by older weights than the learner's, else "behaviour".
+    proximal: str = "auto"
     #: seed of the minibatch order (and, by the trainer, of torch and numpy)
     seed: int = 1
     # -- derived --------------------------------------------------------------------------------
@@ -97,8 +98,10 @@ class PPOConfig:
                 raise LoupeError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.gamma <= 1:
             raise LoupeError(f"gamma must be in (0, 1], got {self.gamma}")
-        if self.proximal not in ("behaviour", "learner"):
-            raise LoupeError(f"proximal must be 'behaviour' or 'learner', got {self.proximal!r}")
+        if self.proximal not in ("auto", "behaviour", "learner"):
+            raise LoupeError(
+                f"proximal must be 'auto', 'behaviour' or 'learner', got {self.proximal!r}"
+            )
         if not 0 <= self.gae_lambda <= 1:
             raise LoupeError(f"gae_lambda must be in [0, 1], got {self.gae_lambda}")
         if self.reward_norm_gamma is not None and not 0 < self.reward_norm_gamma <= 1:

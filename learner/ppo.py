@@ -145,7 +145,10 @@ class PPOLearner:
         lr, clip = self.schedule()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.cfg.proximal == "learner":
+        # the learner has made update_index updates; a batch of an older version is stale
+        stale = rollout.policy_version < self.update_index
+        decoupled = self.cfg.proximal == "learner" or (self.cfg.proximal == "auto" and stale)
+        if decoupled:
             flat["prox_logprobs"] = self._logprobs(obs, flat["actions"])
         result = self._epochs(obs, flat, clip)
         if "prox_logprobs" in flat:
@@ -158,6 +161,7 @@ class PPOLearner:
             flat["values"].cpu().numpy(), flat["returns"].cpu().numpy()
         )
         result["lr"], result["clip_coef"] = lr, clip
+        result["decoupled"] = float(decoupled)
         return result
 
     def _check(self, rollout: Rollout) -> None:

@@ -64,8 +64,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--envs-per-actor", type=int, default=None, help="environments per actor")
     p.add_argument("--inference", choices=["actor", "central"], default=None)
     p.add_argument("--max-policy-lag", type=int, default=None)
-    p.add_argument("--proximal", choices=["behaviour", "learner"], default=None,
-                   help="PPO ratio against the behaviour policy or the learner (decoupled PPO)")  # fmt: skip
+    p.add_argument("--proximal", choices=["auto", "behaviour", "learner"], default=None,
+                   help="PPO ratio against the behaviour policy, the learner (decoupled PPO), or auto: "
+                   "the learner when the batch is stale (default)")  # fmt: skip
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local Ray)")
     p.add_argument("--redis", default=None, help="redis://... URL (default: private server)")
     p.add_argument("--no-announce", action="store_true", help="do not announce checkpoints")

@@ -20,8 +20,9 @@ def register(sub) -> None:
     p.add_argument("--total-steps", type=int, default=160_000, help="environment steps per run")
     p.add_argument("--actors", type=int, default=1, help="Ray rollout actors per run")
     p.add_argument("--actor-lag", type=int, default=1, help="policy lag of the actor placement")
-    p.add_argument("--proximal", choices=["behaviour", "learner"], default="behaviour",
-                   help="PPO ratio anchor of every run (learner: decoupled PPO)")  # fmt: skip
+    p.add_argument("--proximal", choices=["auto", "behaviour", "learner"], default="auto",
+                   help="PPO ratio anchor of every run (learner: decoupled PPO; auto: learner "
+                   "for stale batches)")  # fmt: skip
     p.add_argument("--placements", nargs="+", choices=["actor", "central"],
                    default=["actor", "central"], help="placements to train")  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])

@@ -51,8 +51,8 @@ class PlacementConfig:
     actors: int = 1
     #: policy lag of the ``actor`` placement (``central`` is always 0)
     actor_lag: int = 1
-    #: PPO ratio anchor of every run: "behaviour" (classic) or "learner" (decoupled PPO)
-    proximal: str = "behaviour"
+    #: PPO ratio anchor of every run: "auto", "behaviour" (classic) or "learner" (decoupled PPO)
+    proximal: str = "auto"
     seeds: tuple[int, ...] = (1, 2, 3)
     placements: tuple[str, ...] = PLACEMENTS
     out: str = "bench/placement"

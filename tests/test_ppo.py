@@ -261,24 +261,33 @@ def test_one_update_lowers_the_loss_on_its_batch():
 
 @pytest.mark.unit
 def test_decoupled_update_equals_ppo_at_lag_0_and_differs_on_a_stale_batch():
-    def updated(proximal: str, rollout_from=None):
+    def updated(proximal: str, rollout_from=None, version=0, done=0):
         torch.manual_seed(0)
         policy = TinyPolicy()
         rollout = tiny_rollout(rollout_from or policy)
+        rollout.policy_version = version
         learner = PPOLearner(policy, small_cfg(proximal=proximal))
+        learner.update_index = done  # updates the learner has made before this one
         stats = learner.update(rollout)
         return torch.cat([p.detach().flatten() for p in policy.parameters()]), stats
 
-    classic, _ = updated("behaviour")
+    classic, stats = updated("behaviour")
+    assert stats["decoupled"] == 0.0
     decoupled, stats = updated("learner")
     torch.testing.assert_close(decoupled, classic, atol=1e-6, rtol=0)  # lag 0: the same update
     assert stats["behaviour_weight_max"] == pytest.approx(1.0, abs=1e-5)
+    auto, stats = updated("auto", version=3, done=3)  # sampled by the learner's own weights
+    assert stats["decoupled"] == 0.0
+    assert torch.equal(auto, updated("behaviour", version=3, done=3)[0])
     torch.manual_seed(1)
     stale = TinyPolicy()  # sampled by other weights than the learner's: lag >= 1
     classic, _ = updated("behaviour", stale)
     decoupled, stats = updated("learner", stale)
     assert float((decoupled - classic).abs().max()) > 1e-4
     assert stats["behaviour_kl"] > 0 and stats["behaviour_weight_max"] > 1
+    auto, stats = updated("auto", stale, version=2, done=3)  # one version behind: decoupled
+    assert stats["decoupled"] == 1.0
+    assert torch.equal(auto, updated("learner", stale, version=2, done=3)[0])
 
 
 @pytest.mark.unit
@@ -450,6 +459,7 @@ def test_bad_settings_are_refused_in_one_line():
         (lambda: PPOConfig(num_steps=-1), "num_steps must be positive"),
         (lambda: PPOConfig(gamma=1.5), "gamma"),
         (lambda: PPOConfig(ent_coef=-0.1), "ent_coef"),
+        (lambda: PPOConfig(proximal="old"), "proximal must be 'auto', 'behaviour' or 'learner'"),
     ]
     for make, message in cases:
         with pytest.raises(LoupeError, match=message) as err:
