@@ -12,6 +12,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,14 @@ def test_training_across_two_nodes(tmp_path):
     try:
         worker = run(RAY, "start", f"--address=127.0.0.1:{port}", *common, env=env)
         assert worker.returncode == 0, worker.stderr[-2000:]
-        status = run(RAY, "status", f"--address=127.0.0.1:{port}", env=env)
-        assert status.stdout.count("node_") >= 2 or "2.0 CPU" in status.stdout, status.stdout
+        # the worker registers with the head shortly after `ray start` returns: wait, bounded
+        deadline = time.monotonic() + 60
+        while True:
+            status = run(RAY, "status", f"--address=127.0.0.1:{port}", env=env)
+            if status.stdout.count("node_") >= 2 or "2.0 CPU" in status.stdout:
+                break
+            assert time.monotonic() < deadline, status.stdout
+            time.sleep(1)
         train = run(sys.executable, "-m", "loupe.cli", "train", "--env", "procgen:coinrun",
                     "--policy", "nature", "--actors", "2", "--envs-per-actor", "2",
                     "--num-steps", "16", "--minibatches", "2", "--epochs", "1",
