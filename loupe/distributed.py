@@ -118,7 +118,28 @@ def actor_env_config(env, index: int, envs_per_actor: int):
     return dataclasses.replace(env, num_envs=envs_per_actor, seed=env.seed + 1000 * index)
 
 
-class RaySampler:
+def not_back(what: str) -> LoupeError:
+    """The error for a Ray actor that did not restart within ACTOR_RESTART_WAIT_S."""
+    return LoupeError(
+        f"{what} did not come back within {ACTOR_RESTART_WAIT_S} s; the last checkpoint is "
+        "kept: `loupe train --resume` continues"
+    )
+
+
+class _ActorPool:
+    """Ray actors of one sampler; ``close`` ends them for good (no restart)."""
+
+    actors: list
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+
+
+class RaySampler(_ActorPool):
     """Rollout actors on Ray with ``actor`` inference; keeps them at most ``max_policy_lag`` behind."""
 
     def __init__(self, config):
@@ -205,10 +226,7 @@ class RaySampler:
             except ActorUnavailableError:
                 # restarting (its constructor builds the envs again): wait, bounded, and resubmit
                 if time.monotonic() > deadline:
-                    raise LoupeError(
-                        f"rollout actor {i} did not come back within {ACTOR_RESTART_WAIT_S} s; "
-                        "the last checkpoint is kept: `loupe train --resume` continues"
-                    ) from None
+                    raise not_back(f"rollout actor {i}") from None
                 time.sleep(0.5)
             except RayActorError as exc:
                 deaths += 1
@@ -222,15 +240,8 @@ class RaySampler:
             self.actor_failures += 1
             ref = self._launch_one(i)
 
-    def close(self) -> None:
-        import ray
 
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors = []
-
-
-class CentralSampler:
+class CentralSampler(_ActorPool):
     """Actors step environments; this process runs the policy on all their frames in one batch.
 
     The behaviour policy is the learner's own network, so the policy lag is always 0.
@@ -359,17 +370,7 @@ class CentralSampler:
                 break
             except (ActorUnavailableError, RayActorError):
                 if time.monotonic() > deadline:
-                    raise LoupeError(
-                        f"env stepper {i} did not come back within {ACTOR_RESTART_WAIT_S} s; the "
-                        "last checkpoint is kept: `loupe train --resume` continues"
-                    ) from None
+                    raise not_back(f"env stepper {i}") from None
                 time.sleep(0.5)
         n = len(obs)
         return obs, np.zeros(n, np.float32), np.ones(n, bool), [], seeds
-
-    def close(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors = []
