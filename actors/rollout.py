@@ -45,6 +45,13 @@ def sample_actions(policy, obs: np.ndarray, generator: torch.Generator, device=N
     return actions.numpy(), logp.numpy(), out.value.float().cpu().numpy()
 
 
+@torch.no_grad()
+def policy_values(policy, obs: np.ndarray, device=None) -> np.ndarray:
+    """V(obs) for (N, C, H, W) uint8 frames, as numpy; draws nothing from any generator."""
+    x = torch.from_numpy(obs)
+    return policy(x.to(device) if device is not None else x).value.float().cpu().numpy()
+
+
 class RolloutActor:
     """Owns a vector env and a CPU copy of the policy; produces fixed-length trajectory batches."""
 
@@ -91,9 +98,8 @@ class RolloutActor:
         """Sample actions for a batch of observations -> (actions, log-probs, values)."""
         return sample_actions(self.policy, obs, self.generator)
 
-    @torch.no_grad()
     def value(self, obs: np.ndarray) -> np.ndarray:
-        return self.policy(torch.from_numpy(obs)).value.numpy()
+        return policy_values(self.policy, obs)
 
     def rollout(self, num_steps: int):
         """Step every env ``num_steps`` times -> a ``Rollout`` with (T, N) arrays."""

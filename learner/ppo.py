@@ -152,9 +152,9 @@ class PPOLearner:
             flat["prox_logprobs"] = self._logprobs(obs, flat["actions"])
         result = self._epochs(obs, flat, clip)
         if "prox_logprobs" in flat:
-            lag_kl = flat["prox_logprobs"] - flat["logprobs"]  # log pi_prox / pi_behaviour
-            result["behaviour_weight_max"] = float(lag_kl.exp().max())
-            result["behaviour_kl"] = float(((lag_kl.exp() - 1) - lag_kl).mean())
+            log_w = flat["prox_logprobs"] - flat["logprobs"]  # log pi_prox / pi_behaviour
+            result["behaviour_weight_max"] = float(log_w.exp().max())
+            result["behaviour_kl"] = float(((log_w.exp() - 1) - log_w).mean())  # k3 estimator
         self.global_step += rollout.actions.size
         self.update_index += 1
         result["explained_variance"] = explained_variance(

@@ -236,9 +236,9 @@ def bench_pipeline(opts: dict[str, Any]) -> dict[str, Any]:
 
     def sampler_sps(actors: int, inference: str) -> float:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = _train_config("procgen:coinrun", "impala", envs_per_actor * actors, steps,
-                                10**9, tmp, actors=actors)  # fmt: skip
-            cfg.inference = inference
+            cfg = dataclasses.replace(
+                _train_config("procgen:coinrun", "impala", envs_per_actor * actors, steps,
+                              10**9, tmp, actors=actors), inference=inference)  # fmt: skip
             sampler = (CentralSampler if inference == "central" else RaySampler)(cfg)
             if inference == "central":
                 sampler.attach(policy.eval(), torch.device("cpu"))

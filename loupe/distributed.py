@@ -198,7 +198,6 @@ class RaySampler(_ActorPool):
         return actor.rollout.remote(self.num_steps)
 
     def collect(self):
-
         assert self.pending is not None
         t0 = time.perf_counter()
         parts = []
@@ -296,14 +295,8 @@ class CentralSampler(_ActorPool):
 
         return sample_actions(self.policy, obs, self.generator, self.device)
 
-    def _value(self, obs: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            return self.policy(torch.from_numpy(obs).to(self.device)).value.float().cpu().numpy()
-
     def collect(self):
-
+        from actors.rollout import policy_values
         from learner.rollout import RolloutBuilder
 
         if self.policy is None:
@@ -337,7 +330,8 @@ class CentralSampler(_ActorPool):
             obs = np.concatenate([p[0] for p in parts])
             seeds = np.concatenate([p[4] for p in parts])
         self.current = (obs, seeds)
-        last_value = self._value(obs)  # no draw: the sampling stream stays the rollout actor's
+        # no draw: the sampling stream stays the one a rollout actor with this seed would have
+        last_value = policy_values(self.policy, obs, self.device)
         self.policy.train(was_training)
         rollout = batch.build(obs, last_value, self.version)
         return rollout, {

@@ -106,6 +106,11 @@ class PlacementConfig:
         )
 
 
+def as_json(config) -> dict[str, Any]:
+    """A config dataclass as it reads back from its JSON file (tuples become lists)."""
+    return json.loads(json.dumps(to_dict(config)))
+
+
 def run_one(cfg: PlacementConfig, placement: str, seed: int, progress: bool) -> dict[str, Any]:
     """Train one run (or read it back when it finished before) -> its result record."""
     from loupe.rundir import RunDir
@@ -114,10 +119,10 @@ def run_one(cfg: PlacementConfig, placement: str, seed: int, progress: bool) -> 
     runs = Path(cfg.out) / "runs"
     run_dir = runs / f"{placement}-seed{seed}"
     result_path = runs / f"{placement}-seed{seed}.json"
+    train_cfg = cfg.train_config(placement, seed, run_dir)
     if result_path.exists():
         result = load_json(result_path)
-        wanted = json.loads(json.dumps(to_dict(cfg.train_config(placement, seed, run_dir))))
-        if result.get("config") == wanted:
+        if result.get("config") == as_json(train_cfg):
             return result
         raise LoupeError(
             f"{result_path} was trained with other settings; use another --out or delete it"
@@ -125,7 +130,6 @@ def run_one(cfg: PlacementConfig, placement: str, seed: int, progress: bool) -> 
     if run_dir.exists():  # a run cut off mid-way: its curve is incomplete, train it again
         log.warning("%s was cut off; training it again from step 0", run_dir)
         shutil.rmtree(run_dir)
-    train_cfg = cfg.train_config(placement, seed, run_dir)
     RunDir(str(run_dir)).create()
     train_cfg.save(run_dir / "config.json")
     trainer = Trainer(train_cfg, progress=progress)
@@ -143,7 +147,7 @@ def run_one(cfg: PlacementConfig, placement: str, seed: int, progress: bool) -> 
         "steps_per_s": trainer.learner.global_step / wall,
         "max_policy_lag": max(h["policy_lag"] for h in history),
         "curve": [[h["step"], h.get("mean_return_100")] for h in history],
-        "config": to_dict(train_cfg),
+        "config": as_json(train_cfg),
     }
     save_json(result_path, result)
     return result
@@ -262,10 +266,10 @@ def compare_placements(
 ) -> dict[str, Any]:
     """Train every (seed, placement) run that is not done yet, then summarise and plot."""
     out = Path(cfg.out)
-    settings = json.loads(json.dumps(to_dict(cfg)))  # tuples as lists, as read back from JSON
+    settings = as_json(cfg)
     if (out / "config.json").exists():  # more seeds may join a comparison; other settings may not
         before = load_json(out / "config.json")
-        defaults = json.loads(json.dumps(to_dict(PlacementConfig())))  # for settings added since
+        defaults = as_json(PlacementConfig())  # for settings added since
         changed = sorted(
             k
             for k in settings

@@ -117,10 +117,9 @@ class Trainer:
         self.run = RunDir(config.run_dir)
         self.progress = progress
         self.device = resolve_device(config.device)
-        torch.manual_seed(config.ppo.seed)
         np.random.seed(config.ppo.seed)
         self.sampler = make_sampler(config)
-        # seeded again: the initial weights must not depend on what building the sampler drew
+        # seeded here: the initial weights must not depend on what building the sampler drew
         torch.manual_seed(config.ppo.seed)
         self.policy = build_policy(
             config.policy, self.sampler.obs_shape, self.sampler.n_actions, **config.policy_options
@@ -137,7 +136,6 @@ class Trainer:
         #: checkpoints saved but not yet announced (Redis was unreachable), oldest first
         self.unannounced: list[Path] = []
         self._revived = 0
-        self.resumed = resume
         if resume:
             self._restore()
 
@@ -236,7 +234,7 @@ class Trainer:
         )
 
     def _announce_missing(self) -> None:
-        """On resume: announce checkpoints newer than the newest announcement in the stream."""
+        """Announce checkpoints newer than the newest announcement in the stream."""
         from learner.checkpoint import list_checkpoints
 
         announced = [a.step for _, a in self.bus.announcements()]
@@ -263,8 +261,7 @@ class Trainer:
                 "private redis-server on %s:%d", self.redis_server.host, self.redis_server.port
             )
         self.bus = CheckpointBus(connect(url), self.config.run_id)
-        if self.resumed:
-            self._announce_missing()
+        self._announce_missing()  # none on a new run; after an outage, what --resume finds
 
     def close_bus(self) -> None:
         if self.bus is not None:
