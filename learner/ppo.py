@@ -21,9 +21,6 @@ from learner.reward_norm import RewardNormalizer
 from learner.rollout import Rollout
 from loupe.errors import LoupeError
 
-#: the per-sample fields of a flattened batch, all (B,)
-BATCH_KEYS = ("actions", "logprobs", "values", "advantages", "returns")
-
 
 class LossInput(Protocol):
     """What ``ppo_loss`` reads from a policy's output (``attention.PolicyOutput`` fits)."""
@@ -39,7 +36,8 @@ def ppo_loss(
     """Clipped-surrogate PPO loss on one minibatch of B samples -> (loss, detached stats).
 
     ``mb`` holds ``actions``, ``logprobs`` (behaviour), ``values`` (behaviour), ``advantages`` and
-    ``returns``, all (B,), and for decoupled PPO ``prox_logprobs`` (the learner's, before the update). loss = policy_loss - ent_coef * entropy + vf_coef * value_loss
+    ``returns``, all (B,), and for decoupled PPO ``prox_logprobs`` (the learner's, before the
+    update). loss = policy_loss - ent_coef * entropy + vf_coef * value_loss
     (+ attn_coef * mean attention entropy when attn_coef > 0).
     """
     logp_all = torch.log_softmax(out.logits, dim=-1)  # (B, A)

@@ -277,7 +277,6 @@ def bench_ig(opts: dict[str, Any]) -> dict[str, Any]:
 @benchmark("probe_latency")
 def bench_probe_latency(opts: dict[str, Any]) -> dict[str, Any]:
     """Checkpoint announced on Redis -> a blocked probe worker has it verified and loaded."""
-    import tempfile
     import threading
     from pathlib import Path
 
@@ -321,7 +320,6 @@ def bench_probe_latency(opts: dict[str, Any]) -> dict[str, Any]:
 @benchmark("evaluate")
 def bench_evaluate(opts: dict[str, Any]) -> dict[str, Any]:
     """Levels/s with 1 and 2 Ray evaluators vs a one-env sequential loop on the same levels."""
-    import tempfile
     from pathlib import Path
 
     from actors.evaluator import EvaluatorConfig, sequential_levels_per_s
