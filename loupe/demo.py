@@ -9,9 +9,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
+
+from loupe.config import load_json
 
 
 def run_demo(run_dir: Path, total_steps: int, levels: int, workers: int) -> int:
@@ -47,8 +48,8 @@ def run_demo(run_dir: Path, total_steps: int, levels: int, workers: int) -> int:
         worker = ProbeWorker(bus, run.path, WorkerConfig(exit_when_idle=1.0),
                              ProbeConfig(num_steps=64, ig_samples=32, smoothgrad_copies=8))  # fmt: skip
         worker.run()
-        results = [json.loads(f["scalars"]) | {"step": json.loads(f["step"])}
-                   for _, f in bus.read_results() if json.loads(f["kind"]) == "probe"]  # fmt: skip
+        results = [f["scalars"] | {"step": f["step"]}
+                   for _, f in bus.read_results(decode=True) if f["kind"] == "probe"]  # fmt: skip
     finally:
         if server is not None:
             server.stop()
@@ -63,11 +64,11 @@ def run_demo(run_dir: Path, total_steps: int, levels: int, workers: int) -> int:
     from probes.editing import write_edited_checkpoint
 
     last = latest_checkpoint(run.path)
-    meta = json.loads(last.read_text())
+    meta = load_json(last)
     summary_path = (
         run.path / "probes" / f"step-{meta['step']:012d}-{meta['sha256'][:8]}" / "summary.json"
     )
-    summary = json.loads(summary_path.read_text())
+    summary = load_json(summary_path)
     direction = summary["nmf"]["directions"][0]
     edited = write_edited_checkpoint(last, "2b", direction, f"nmf:0 of {summary_path}",
                                      run.path / "edited")  # fmt: skip

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.evaluator import EvaluatorConfig, LevelEvaluator, LevelResult
-from loupe.config import save_json
+from loupe.config import load_json, save_json
 from loupe.errors import LoupeError
 
 log = logging.getLogger("loupe.evaluate")
@@ -145,7 +145,7 @@ def prepare_out(cfg: EvalConfig, targets: list[Target]) -> Path:
     want = identity(cfg, targets)
     marker = out / "eval.json"
     if marker.is_file():
-        have = json.loads(marker.read_text())
+        have = load_json(marker)
         if have != want:
             raise LoupeError(
                 f"{out} holds a different evaluation (see {marker}); choose another --out "

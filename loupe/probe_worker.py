@@ -9,7 +9,6 @@ its entry pending; the others reclaim it with XAUTOCLAIM once it has been idle `
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import socket
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loupe.config import load_json
 from loupe.errors import LoupeError
 
 log = logging.getLogger("loupe.probe")
@@ -99,7 +99,7 @@ class ProbeWorker:
         out = self.out_dir(ann.step, ann.sha256)
         summary_path = out / "summary.json"
         if summary_path.is_file():  # finished by a worker that died before recording it
-            return json.loads(summary_path.read_text())
+            return load_json(summary_path)
         policy, meta = load_checkpoint(ann.uri)  # verifies the file against its metadata
         if meta["sha256"] != ann.sha256:
             raise LoupeError(
@@ -165,18 +165,15 @@ def connect_run(run_dir: str | Path, url: str | None):
     """-> (redis client, server we started or None). No URL: the run's private server, started
     again over its AOF if it is not running."""
     from loupe.bus import connect
-    from loupe.redis_server import RedisServer
+    from loupe.redis_server import RedisServer, saved_url
 
     if url:
         return connect(url), None
     data = Path(run_dir) / "redis"
-    info = data / "redis.json"
-    if info.is_file():
-        saved = json.loads(info.read_text())
+    saved = saved_url(data)
+    if saved is not None:
         try:
-            return connect(
-                f"redis://:{saved['password']}@{saved['host']}:{saved['port']}/0", 2.0
-            ), None
+            return connect(saved, 2.0), None
         except LoupeError:
             pass  # not running: start it over the same data directory
     if not data.is_dir():
