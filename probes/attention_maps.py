@@ -23,11 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attention.base import entropy
 from loupe.errors import LoupeError
 from probes.attribution import check_obs
-
-#: added to attention probabilities before the log (METHODS A)
-ENTROPY_EPS = 1e-7
 
 #: the tree's layers bottom-up, with kernel size and stride of each
 TREE_LAYERS = ("c1", "c2", "c3", "a1", "a2")
@@ -44,8 +42,7 @@ def _as_tensor(attn) -> torch.Tensor:
 
 def attention_entropy(attn, per_map: bool = False) -> torch.Tensor:
     """Entropy -sum_pos p log p with p = attn + 1e-7 -> (N,) summed over maps, or (N, M)."""
-    p = _as_tensor(attn).flatten(2) + ENTROPY_EPS  # (N, M, h*w)
-    h = -(p * p.log()).sum(-1)  # (N, M)
+    h = entropy(_as_tensor(attn).flatten(2), dims=(-1,))  # (N, M), float64
     return h if per_map else h.sum(-1)
 
 
@@ -143,7 +140,7 @@ def _tree_inputs(policy, obs: torch.Tensor) -> dict[str, Any]:
     """Per layer: the activation that layer's nodes report and that the layer above reads."""
     acts = policy.activations(obs)
     a1 = F.elu(policy.a1(acts["c3n"]))  # (N, 512, h, w)
-    attention = policy(obs).attention  # (N, M, h, w)
+    attention, _ = policy.attention_maps(acts["c3n"])  # (N, M, h, w), no second forward pass
     return {
         "act": {"c1": acts["c1"], "c2": acts["c2"], "c3": acts["c3n"], "a1": a1, "a2": attention},
         "weight": {n: getattr(policy, n).weight.detach() for n in ("c2", "c3", "a1", "a2")},

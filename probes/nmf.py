@@ -383,8 +383,9 @@ def write_feature_visualisations(
         )
     index: dict[str, Any] = {"nmf": nmf.to_dict(), "layer_hw": list(attr.shape[-2:])}
     index["hues"] = render.feature_hues(nmf.n_components).tolist()
-    index["overlays"] = _write_overlays(out, nmf.transform(attr), obs, frames, config)
-    feature_acts = nmf.transform(acts)  # (N, K, h, w)
+    features = nmf.transform(attr)  # (N, K, h, w); sklearn's transform is an iterative solve
+    index["overlays"] = _write_overlays(out, features, obs, frames, config)
+    feature_acts = features if activations is None else nmf.transform(acts)
     index["features"] = [
         _write_feature(out, k, feature_acts, obs, config) for k in range(nmf.n_components)
     ]

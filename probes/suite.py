@@ -201,7 +201,7 @@ def _analyse(policy, meta, layer: str, config: ProbeConfig, out: Path) -> dict[s
     # NMF features of the value attributions (spatial layers only)
     if value_attr.dim() == 4:
         t0 = time.perf_counter()
-        summary["nmf"] = _nmf(value_attr.numpy(), ig.activation.numpy(), obs.numpy(), config, out)
+        summary["nmf"] = _nmf(value_attr.numpy(), obs.numpy(), config, out)
         timings["nmf_s"] = time.perf_counter() - t0
 
     # GAE anomaly scan over the whole recording
@@ -246,14 +246,14 @@ def _attention(policy, obs: torch.Tensor, out: Path) -> dict[str, Any]:
     }
 
 
-def _nmf(attr, activation, obs, config: ProbeConfig, out: Path) -> dict[str, Any]:
+def _nmf(attr, obs, config: ProbeConfig, out: Path) -> dict[str, Any]:
     from probes.nmf import fit_attribution_nmf, write_feature_visualisations
 
     k = min(config.nmf_components, attr.shape[1])
     if not np.any(attr):
         return {"error": "value attributions are all zero"}
     nmf = fit_attribution_nmf(attr, n_components=k, seed=config.seed)
-    write_feature_visualisations(out / "nmf", nmf, attr, obs, activations=attr,
+    write_feature_visualisations(out / "nmf", nmf, attr, obs,
                                  frames=list(range(min(4, len(obs)))))  # fmt: skip
     return {
         "components": k,
