@@ -333,8 +333,6 @@ class CheckpointBus:
     def done_key(self, probe: str, sha256: str) -> str:
         return f"loupe:{self.run_id}:done:{probe}:{sha256}"
 
-    _done_key = done_key
-
     def mark_done(self, probe: str, sha256: str) -> bool:
         """Record that ``probe`` finished this checkpoint; False if it was already recorded."""
         return bool(self.client.set(self.done_key(probe, sha256), str(time.time()), nx=True))

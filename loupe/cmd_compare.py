@@ -34,10 +34,6 @@ def register(sub) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from loupe.placement import PlacementConfig, compare_placements
 
-    if not args.env.startswith("procgen:"):
-        from loupe.errors import LoupeError
-
-        raise LoupeError(f"compare-placements trains procgen games; got --env {args.env!r}")
     cfg = PlacementConfig(
         env_id=args.env,
         num_levels=args.num_levels,

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
-from pathlib import Path
 
+from loupe.config import load_json
 from loupe.errors import LoupeError
 
 
@@ -83,7 +82,7 @@ def follow_run(args: argparse.Namespace) -> int:
     if args.workers > 1:
         return spawn_workers(args)
     client, server = connect_run(run.path, args.redis)
-    config = json.loads(run.config_path.read_text())
+    config = load_json(run.config_path)
     bus = CheckpointBus(client, config["run_id"])
     worker_cfg = WorkerConfig(
         group=args.group,
@@ -124,7 +123,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     if spec.startswith("nmf:"):
         if not args.nmf:
             raise LoupeError("--direction nmf:K needs --nmf SUMMARY_JSON from `loupe probe`")
-        summary = json.loads(Path(args.nmf).read_text())
+        summary = load_json(args.nmf)
         directions = (summary.get("nmf") or {}).get("directions")
         if not directions:
             raise LoupeError(f"{args.nmf} holds no NMF directions")

@@ -60,14 +60,12 @@ def run_demo(run_dir: Path, total_steps: int, levels: int, workers: int) -> int:
         )
 
     print("[3/4] editing the last checkpoint: project NMF feature 0 out of layer 2b")
-    from learner.checkpoint import latest_checkpoint
+    from learner.checkpoint import latest_checkpoint, read_meta
     from probes.editing import write_edited_checkpoint
 
     last = latest_checkpoint(run.path)
-    meta = load_json(last)
-    summary_path = (
-        run.path / "probes" / f"step-{meta['step']:012d}-{meta['sha256'][:8]}" / "summary.json"
-    )
+    meta = read_meta(last)
+    summary_path = worker.out_dir(meta["step"], meta["sha256"]) / "summary.json"
     summary = load_json(summary_path)
     direction = summary["nmf"]["directions"][0]
     edited = write_edited_checkpoint(last, "2b", direction, f"nmf:0 of {summary_path}",

@@ -58,6 +58,8 @@ class PlacementConfig:
     out: str = "bench/placement"
 
     def __post_init__(self):
+        if not self.env_id.startswith("procgen:"):
+            raise LoupeError(f"compare-placements trains procgen games; got {self.env_id!r}")
         unknown = [p for p in self.placements if p not in PLACEMENTS]
         if unknown:
             raise LoupeError(f"unknown placement(s) {unknown}; choose from {list(PLACEMENTS)}")
