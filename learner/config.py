@@ -65,6 +65,9 @@ class PPOConfig:
     #: agree when the batch was sampled with the learner's own weights (lag 0). "auto": "learner"
     #: for a batch sampled by older weights than the learner's, else "behaviour".
     proximal: str = "auto"
+    #: arithmetic of the update's forward and backward passes: "fp32", or "bf16" (autocast to
+    #: bfloat16; the loss, optimiser and master weights stay float32)
+    precision: str = "fp32"
     #: seed of the minibatch order (and, by the trainer, of torch and numpy)
     seed: int = 1
     # -- derived --------------------------------------------------------------------------------
@@ -102,6 +105,8 @@ class PPOConfig:
             raise LoupeError(
                 f"proximal must be 'auto', 'behaviour' or 'learner', got {self.proximal!r}"
             )
+        if self.precision not in ("fp32", "bf16"):
+            raise LoupeError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if not 0 <= self.gae_lambda <= 1:
             raise LoupeError(f"gae_lambda must be in [0, 1], got {self.gae_lambda}")
         if self.reward_norm_gamma is not None and not 0 < self.reward_norm_gamma <= 1:

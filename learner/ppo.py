@@ -93,6 +93,17 @@ def explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
     return float("nan") if var == 0 else 1.0 - float(np.var(target - pred)) / var
 
 
+def _float_output(out: Any) -> Any:
+    """``out`` with logits, value and attention entropy in float32 (the loss is float32)."""
+    fields = ("logits", "value", "attention_entropy")
+    changes = {
+        f: getattr(out, f).float()
+        for f in fields
+        if getattr(out, f, None) is not None and getattr(out, f).dtype != torch.float32
+    }
+    return dataclasses.replace(out, **changes) if changes else out
+
+
 @dataclasses.dataclass
 class TrainState:
     """What a resumed run needs besides the weights: tensors plus JSON-ready metadata."""
@@ -197,10 +208,17 @@ class PPOLearner:
         self.policy.train()  # the mode the epochs run in
         out = []
         for start in range(0, obs.shape[0], self.cfg.minibatch_size):
-            logits = self.policy(obs[start : start + self.cfg.minibatch_size]).logits.float()
+            with self._autocast():
+                logits = self.policy(obs[start : start + self.cfg.minibatch_size]).logits.float()
             logp = torch.log_softmax(logits, dim=-1)
             out.append(logp.gather(1, actions[start : start + len(logp), None]).squeeze(1))
         return torch.cat(out)
+
+    def _autocast(self) -> torch.autocast:
+        """bfloat16 autocast on the learner's device when ``precision`` is "bf16", else a no-op."""
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"
+        )
 
     def _epochs(
         self, obs: torch.Tensor, flat: dict[str, torch.Tensor], clip: float
@@ -224,7 +242,9 @@ class PPOLearner:
         self, obs: torch.Tensor, mb: dict[str, torch.Tensor], clip: float
     ) -> dict[str, torch.Tensor]:
         """One Adam step on one minibatch -> its detached stats."""
-        loss, stats = ppo_loss(self.policy(obs), mb, clip, self.cfg)
+        with self._autocast():
+            out = self.policy(obs)
+        loss, stats = ppo_loss(_float_output(out), mb, clip, self.cfg)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         stats["grad_norm"] = nn.utils.clip_grad_norm_(

@@ -283,8 +283,8 @@ def bench_probe_latency(opts: dict[str, Any]) -> dict[str, Any]:
     from attention import build_policy
     from learner.checkpoint import load_checkpoint, save_checkpoint
     from loupe.bus import CheckpointAnnouncement, CheckpointBus, connect
+    from loupe.bus.redis_server import RedisServer
     from loupe.config import load_json
-    from loupe.redis_server import RedisServer
 
     latencies: list[float] = []
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as server:
@@ -325,7 +325,7 @@ def bench_evaluate(opts: dict[str, Any]) -> dict[str, Any]:
     from actors.evaluator import EvaluatorConfig, sequential_levels_per_s
     from attention import build_policy
     from learner.checkpoint import save_checkpoint
-    from loupe.evaluate import EvalConfig, evaluate
+    from loupe.distributed.evaluate import EvalConfig, evaluate
 
     torch.manual_seed(0)
     policy = build_policy("impala", (3, 64, 64), 15)

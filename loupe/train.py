@@ -249,7 +249,7 @@ class Trainer:
     def open_bus(self) -> None:
         """Connect to --redis, or start the run's private server, so checkpoints are announced."""
         from loupe.bus import CheckpointBus, connect
-        from loupe.redis_server import RedisServer
+        from loupe.bus.redis_server import RedisServer
 
         if not self.config.announce or self.bus is not None:
             return

@@ -13,7 +13,7 @@ import pytest
 from actors import EnvConfig
 from learner import PPOConfig
 from loupe.bus import CheckpointBus, connect
-from loupe.redis_server import RedisServer
+from loupe.bus.redis_server import RedisServer
 from loupe.rundir import RunDir
 from loupe.train import TrainConfig, Trainer
 

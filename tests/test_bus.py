@@ -9,8 +9,8 @@ import time
 import pytest
 
 from loupe.bus import CheckpointAnnouncement, CheckpointBus, connect
+from loupe.bus.redis_server import RedisServer, free_port
 from loupe.errors import LoupeError
-from loupe.redis_server import RedisServer, free_port
 
 
 @pytest.fixture(scope="module")

@@ -172,7 +172,7 @@ def test_killed_rollout_actor_is_restarted_and_training_completes(local_ray, tmp
 @pytest.mark.integration
 def test_checkpoints_are_announced_on_the_private_redis(local_ray, tmp_path):
     from loupe.bus import CheckpointBus, connect
-    from loupe.redis_server import RedisServer
+    from loupe.bus.redis_server import RedisServer
 
     cfg = tiny(tmp_path / "run", announce=True, total=128)
     trainer = train(cfg)
@@ -192,8 +192,8 @@ def test_more_actors_than_cpus_is_refused(local_ray, tmp_path):
 
 @pytest.mark.unit
 def test_unreachable_ray_address_fails_fast(tmp_path):
+    from loupe.bus.redis_server import free_port
     from loupe.distributed import check_reachable
-    from loupe.redis_server import free_port
 
     t0 = time.monotonic()
     with pytest.raises(LoupeError, match="cannot reach Ray"):

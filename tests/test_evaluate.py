@@ -15,8 +15,8 @@ import torch
 
 from attention import build_policy
 from learner.checkpoint import save_checkpoint
+from loupe.distributed.evaluate import EvalConfig, evaluate, read_records, wilson
 from loupe.errors import LoupeError
-from loupe.evaluate import EvalConfig, evaluate, read_records, wilson
 
 LEVELS = 24
 

@@ -26,7 +26,7 @@ def run(*args: str, env) -> subprocess.CompletedProcess:
 
 @pytest.mark.integration
 def test_training_across_two_nodes(tmp_path):
-    from loupe.redis_server import free_port
+    from loupe.bus.redis_server import free_port
 
     port = free_port()
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",

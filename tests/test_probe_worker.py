@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from loupe.bus import CheckpointAnnouncement, CheckpointBus, connect
-from loupe.redis_server import RedisServer
+from loupe.bus.redis_server import RedisServer
 
 FAST = ["--num-envs", "2", "--num-steps", "16", "--ig-samples", "8", "--smoothgrad-copies", "2",
         "--nmf-components", "4"]  # fmt: skip

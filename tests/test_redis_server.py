@@ -15,8 +15,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from loupe.bus.redis_server import RedisServer, find_redis_server, free_port, saved_url
 from loupe.errors import LoupeError
-from loupe.redis_server import RedisServer, find_redis_server, free_port, saved_url
 
 
 def gone(pid: int) -> bool:
@@ -124,7 +124,7 @@ def test_failed_start_reports_the_log_tail_quickly(tmp_path):
 @pytest.mark.integration
 def test_server_dies_with_the_process_that_forgot_to_stop_it(tmp_path):
     code = (
-        "import sys; from loupe.redis_server import RedisServer; "
+        "import sys; from loupe.bus.redis_server import RedisServer; "
         "print(RedisServer(sys.argv[1]).start().pid, flush=True)"
     )
     out = subprocess.run(
@@ -138,7 +138,7 @@ def test_server_dies_with_the_process_that_forgot_to_stop_it(tmp_path):
 @pytest.mark.integration
 def test_server_orphaned_by_a_killed_process_is_taken_over(tmp_path):
     code = (
-        "import os, signal, sys; from loupe.redis_server import RedisServer; "
+        "import os, signal, sys; from loupe.bus.redis_server import RedisServer; "
         "print(RedisServer(sys.argv[1]).start().pid, flush=True); os.kill(os.getpid(), 9)"
     )
     out = subprocess.run(

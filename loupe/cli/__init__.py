@@ -67,6 +67,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proximal", choices=["auto", "behaviour", "learner"], default=None,
                    help="PPO ratio against the behaviour policy, the learner (decoupled PPO), or auto: "
                    "the learner when the batch is stale (default)")  # fmt: skip
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="arithmetic of the PPO update: fp32 (default) or bf16 autocast")  # fmt: skip
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local Ray)")
     p.add_argument("--redis", default=None, help="redis://... URL (default: private server)")
     p.add_argument("--no-announce", action="store_true", help="do not announce checkpoints")
@@ -108,6 +110,7 @@ def build_train_config(args: argparse.Namespace):
         ("seed", "seed"),
         ("attn_coef", "attn_coef"),
         ("proximal", "proximal"),
+        ("precision", "precision"),
     ):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
@@ -200,7 +203,7 @@ def _train_parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from loupe.demo import cmd_demo
+    from loupe.cli.demo import cmd_demo
 
     return cmd_demo(args)
 
@@ -254,7 +257,7 @@ _EXTRA_COMMANDS: list = []
 def _load_extra_commands() -> None:
     import importlib
 
-    for module in ("loupe.cmd_bench", "loupe.cmd_probe", "loupe.cmd_evaluate", "loupe.cmd_compare"):
+    for module in ("loupe.cli.bench", "loupe.cli.probe", "loupe.cli.evaluate", "loupe.cli.compare"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -165,7 +165,7 @@ def connect_run(run_dir: str | Path, url: str | None):
     """-> (redis client, server we started or None). No URL: the run's private server, started
     again over its AOF if it is not running."""
     from loupe.bus import connect
-    from loupe.redis_server import RedisServer, saved_url
+    from loupe.bus.redis_server import RedisServer, saved_url
 
     if url:
         return connect(url), None

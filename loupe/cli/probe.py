@@ -72,7 +72,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def follow_run(args: argparse.Namespace) -> int:
     from loupe.bus import CheckpointBus
-    from loupe.probe_worker import ProbeWorker, WorkerConfig, connect_run
+    from loupe.bus.probe_worker import ProbeWorker, WorkerConfig, connect_run
     from loupe.rundir import RunDir
 
     run = RunDir(args.run)

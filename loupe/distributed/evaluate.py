@@ -21,7 +21,7 @@ from actors.evaluator import EvaluatorConfig, LevelEvaluator, LevelResult
 from loupe.config import load_json, save_json
 from loupe.errors import LoupeError
 
-log = logging.getLogger("loupe.evaluate")
+log = logging.getLogger("loupe.distributed.evaluate")
 
 CATEGORIES = ("complete", "timeout", "saw", "enemy_left", "enemy_right", "lava", "multiple")
 

@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from loupe.evaluate import EvalConfig, evaluate, format_table
+    from loupe.distributed.evaluate import EvalConfig, evaluate, format_table
 
     cfg = EvalConfig(
         checkpoints=args.checkpoint,

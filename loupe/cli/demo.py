@@ -39,7 +39,7 @@ def run_demo(run_dir: Path, total_steps: int, levels: int, workers: int) -> int:
 
     print("[2/4] probing every announced checkpoint (IG, attention, NMF, GAE scan, saliency)")
     from loupe.bus import CheckpointBus
-    from loupe.probe_worker import ProbeWorker, WorkerConfig, connect_run
+    from loupe.bus.probe_worker import ProbeWorker, WorkerConfig, connect_run
     from probes.suite import ProbeConfig
 
     client, server = connect_run(run.path, None)
@@ -74,7 +74,7 @@ def run_demo(run_dir: Path, total_steps: int, levels: int, workers: int) -> int:
     print(
         f"[4/4] evaluating original and edited agents on {levels} unseen levels with {workers} Ray evaluators"
     )
-    from loupe.evaluate import EvalConfig, evaluate, format_table
+    from loupe.distributed.evaluate import EvalConfig, evaluate, format_table
 
     result = evaluate(EvalConfig(checkpoints=[str(last), str(edited)], out=str(run.path / "eval"),
                                  levels=levels, start_level=10_000, workers=workers))  # fmt: skip
