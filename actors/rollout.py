@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -101,8 +102,12 @@ class RolloutActor:
     def value(self, obs: np.ndarray) -> np.ndarray:
         return policy_values(self.policy, obs)
 
-    def rollout(self, num_steps: int):
-        """Step every env ``num_steps`` times -> a ``Rollout`` with (T, N) arrays."""
+    def rollout(self, num_steps: int, record_states: Iterable[int] = ()):
+        """Step every env ``num_steps`` times -> a ``Rollout`` with (T, N) arrays.
+
+        ``record_states``: steps t at which the games' states (procgen ``get_state``, one bytes
+        object per env, matching ``obs[t]``) are kept in ``self.states[t]``.
+        """
         from learner.rollout import RolloutBuilder
 
         if self.version < 0:
@@ -110,7 +115,12 @@ class RolloutActor:
         n = self.env.num_envs
         batch = RolloutBuilder(num_steps, n, self.obs_shape)
         level_seeds = getattr(self.env, "level_seeds", None)
+        keep = set(record_states)
+        #: step -> the games' states before that step (only the steps asked for)
+        self.states: dict[int, list[bytes]] = {}
         for t in range(num_steps):
+            if t in keep:
+                self.states[t] = self.env.get_state()
             t0 = time.perf_counter()
             batch.observe(t, self.obs, level_seeds() if level_seeds is not None else None)
             actions, logp, values = self.act(self.obs)

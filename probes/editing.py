@@ -129,3 +129,40 @@ def write_edited_checkpoint(
     if "edit" in meta:  # an edit of an edit keeps the whole chain
         record["edit"]["parent_edit"] = meta["edit"]
     return save_checkpoint(out, edited, record, keep_last=0)
+
+
+def summary_direction(summary: dict[str, Any], spec: str, layer: str) -> tuple[Any, str]:
+    """The NMF direction a probe summary names -> (direction (C,), provenance source).
+
+    ``spec`` is ``nmf:K`` (feature K) or ``label:NAME`` (the feature labelled NAME with the largest
+    share, CoinRun probes only), e.g. ``label:saw`` -> source ``"label:saw = nmf:3 (share 0.71)"``.
+    """
+    nmf = summary.get("nmf") or {}
+    directions = nmf.get("directions")
+    if not directions:
+        raise LoupeError("the probe summary holds no NMF directions; probe a spatial layer")
+    if summary.get("layer") != layer:
+        raise LoupeError(f"the NMF was fitted at layer {summary.get('layer')}, not {layer}")
+    kind, _, value = spec.partition(":")
+    if kind == "label":
+        from probes.labels import FeatureLabel, find_label
+
+        if "labels" not in nmf:
+            raise LoupeError(
+                "the probe summary has no feature labels (they need a CoinRun checkpoint); "
+                "use nmf:K"
+            )
+        found = find_label([FeatureLabel(**f) for f in nmf["labels"]], value)
+        k = found.feature
+        source = f"{spec} = nmf:{k} (share {found.share:.2f})"
+    elif kind == "nmf":
+        try:
+            k = int(value)
+            if not 0 <= k < len(directions):
+                raise ValueError
+        except ValueError:
+            raise LoupeError(f"{spec}: choose nmf:0 .. nmf:{len(directions) - 1}") from None
+        source = spec
+    else:
+        raise LoupeError(f"{spec}: a direction is nmf:K, label:NAME or a .npy file")
+    return np.asarray(directions[k], dtype=np.float32), source

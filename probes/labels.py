@@ -105,7 +105,7 @@ def label_features(
             FeatureLabel(
                 feature=k,
                 label=names[best],
-                share=float(parts["total"][k, best]),
+                share=round(float(parts["total"][k, best]), 6),
                 positive=_named(parts["positive"][k], names),
                 negative=_named(parts["negative"][k], names),
                 total=_named(parts["total"][k], names),

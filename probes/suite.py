@@ -78,8 +78,12 @@ def env_config_for(meta: dict[str, Any], num_envs: int, seed: int):
     return EnvConfig(env_id=env_id, **options)
 
 
-def record(policy, meta: dict[str, Any], config: ProbeConfig):
-    """Trajectories of ``policy`` in the checkpoint's environment -> learner.Rollout."""
+def record(policy, meta: dict[str, Any], config: ProbeConfig, record_states=()):
+    """Trajectories of ``policy`` in the checkpoint's environment -> (learner.Rollout, states).
+
+    ``record_states``: steps whose game states are kept: ``states[t]`` holds one procgen state per
+    env, matching ``rollout.obs[t]``.
+    """
     from actors.rollout import RolloutActor, RolloutConfig
 
     spec = policy.spec
@@ -98,7 +102,8 @@ def record(policy, meta: dict[str, Any], config: ProbeConfig):
                 f"gives {actor.obs_shape}"
             )
         actor.set_weights(0, {k: v.detach().cpu().numpy() for k, v in policy.state_dict().items()})
-        return actor.rollout(config.num_steps)
+        rollout = actor.rollout(config.num_steps, record_states)
+        return rollout, actor.states
     finally:
         actor.close()
 
@@ -169,10 +174,14 @@ def _analyse(policy, meta, layer: str, config: ProbeConfig, out: Path) -> dict[s
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    rollout = record(policy, meta, config)
+    n_frames = config.num_steps * config.num_envs
+    idx = np.linspace(0, n_frames - 1, min(config.ig_samples, n_frames)).astype(int)
+    coinrun = meta.get("env") == "procgen:coinrun"
+    # CoinRun: keep the game states of the attributed frames, to label features by object
+    steps = sorted({int(i) // config.num_envs for i in idx}) if coinrun else []
+    rollout, states_at = record(policy, meta, config, steps)
     timings["record_s"] = time.perf_counter() - t0
     frames = rollout.obs.reshape(-1, *rollout.obs.shape[2:])  # (T*N, C, H, W), time-major
-    idx = np.linspace(0, len(frames) - 1, min(config.ig_samples, len(frames))).astype(int)
     obs = torch.from_numpy(frames[idx])
 
     t0 = time.perf_counter()
@@ -201,8 +210,15 @@ def _analyse(policy, meta, layer: str, config: ProbeConfig, out: Path) -> dict[s
     # NMF features of the value attributions (spatial layers only)
     if value_attr.dim() == 4:
         t0 = time.perf_counter()
-        summary["nmf"] = _nmf(value_attr.numpy(), obs.numpy(), config, out)
+        summary["nmf"], nmf = _nmf(value_attr.numpy(), obs.numpy(), config, out)
         timings["nmf_s"] = time.perf_counter() - t0
+        if coinrun and nmf is not None:
+            t0 = time.perf_counter()
+            n = config.num_envs
+            states = [states_at[int(i) // n][int(i) % n] for i in idx]
+            labels = _labels(nmf, value_attr.numpy(), ig.activation.numpy(), states)
+            summary["nmf"].update(labels)
+            timings["labels_s"] = time.perf_counter() - t0
 
     # GAE anomaly scan over the whole recording
     marks, _ = gae_scan(rollout.rewards, rollout.values, rollout.dones, rollout.last_value,
@@ -246,12 +262,13 @@ def _attention(policy, obs: torch.Tensor, out: Path) -> dict[str, Any]:
     }
 
 
-def _nmf(attr, obs, config: ProbeConfig, out: Path) -> dict[str, Any]:
+def _nmf(attr, obs, config: ProbeConfig, out: Path):
+    """NMF features of the value attributions -> (summary entry, the fitted NMF or None)."""
     from probes.nmf import fit_attribution_nmf, write_feature_visualisations
 
     k = min(config.nmf_components, attr.shape[1])
     if not np.any(attr):
-        return {"error": "value attributions are all zero"}
+        return {"error": "value attributions are all zero"}, None
     nmf = fit_attribution_nmf(attr, n_components=k, seed=config.seed)
     write_feature_visualisations(out / "nmf", nmf, attr, obs,
                                  frames=list(range(min(4, len(obs)))))  # fmt: skip
@@ -260,7 +277,22 @@ def _nmf(attr, obs, config: ProbeConfig, out: Path) -> dict[str, Any]:
         "directions": nmf.directions.tolist(),
         "mean_abs_residual": float(np.abs(nmf.residual(attr)).mean()),
         "dir": "nmf",
-    }
+    }, nmf
+
+
+def _labels(nmf, attr, activation, states: list[bytes]) -> dict[str, Any]:
+    """Label each NMF feature by the CoinRun objects its attribution falls on (probes.labels)."""
+    from actors.coinrun_masks import CLASSES, class_masks, pool_masks
+    from actors.coinrun_state import CoinRunState
+    from probes.labels import label_features
+
+    features = nmf.transform(attr)  # (N, K, h, w) signed
+    masks = np.stack([class_masks(CoinRunState.parse(s)) for s in states])  # (N, C, 64, 64)
+    masks = pool_masks(masks, features.shape[2:])
+    directions = nmf.directions / np.linalg.norm(nmf.directions, axis=1, keepdims=True)
+    act = np.einsum("nchw,kc->nkhw", np.maximum(activation, 0), directions)  # (N, K, h, w)
+    labels = label_features(features, masks, CLASSES, activation=np.maximum(act, 0))
+    return {"classes": list(CLASSES), "labels": [f.to_dict() for f in labels]}
 
 
 def _saliency(policy, obs: torch.Tensor, config: ProbeConfig, out: Path) -> dict[str, Any]:

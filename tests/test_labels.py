@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -79,3 +81,80 @@ def test_bad_shapes_and_missing_labels_say_what_to_do():
         LoupeError, match=r"no feature is labelled 'saw'; labels found: 0:background"
     ):
         find_label(labels, "saw")
+
+
+@pytest.mark.integration
+def test_probe_suite_labels_every_coinrun_feature_from_recorded_states(tmp_path):
+    """A real probe of a CoinRun interpretable policy: labels come from the recorded game states."""
+    import torch
+
+    from attention import build_policy
+    from learner.checkpoint import save_checkpoint
+    from probes.suite import ProbeConfig, run_suite
+
+    torch.manual_seed(0)
+    policy = build_policy("interpretable", (3, 64, 64), 15)
+    meta = {"step": 0, "run_id": "t", "env": "procgen:coinrun",
+            "env_options": {"distribution_mode": "easy"}}  # fmt: skip
+    ckpt = save_checkpoint(tmp_path / "run", policy, meta)
+    config = ProbeConfig(num_envs=2, num_steps=16, ig_samples=8, smoothgrad_copies=2,
+                         nmf_components=3)  # fmt: skip
+    summary = run_suite(ckpt, tmp_path / "probe", config)
+    nmf = summary["nmf"]
+    assert nmf["classes"][0] == "background" and "saw" in nmf["classes"]
+    assert len(nmf["labels"]) == 3
+    for k, label in enumerate(nmf["labels"]):
+        assert label["feature"] == k and label["label"] in nmf["classes"]
+        assert sum(label["total"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert label["share"] == max(label["total"].values())
+        assert sum(label["activation"].values()) == pytest.approx(1.0, abs=1e-5)
+    saved = json.loads((tmp_path / "probe" / "summary.json").read_text())
+    assert saved["nmf"]["labels"] == nmf["labels"]
+    # the label is an edit direction: `loupe edit --direction label:NAME`
+    from loupe.cli import main
+
+    name = nmf["labels"][0]["label"]
+    best = max((f for f in nmf["labels"] if f["label"] == name), key=lambda f: f["share"])[
+        "feature"
+    ]
+    summary_path = tmp_path / "probe" / "summary.json"
+    argv = ["edit", "--checkpoint", str(ckpt), "--layer", "2b", "--nmf", str(summary_path),
+            "--direction", f"label:{name}", "--out", str(tmp_path / "edited")]  # fmt: skip
+    assert main(argv) == 0
+    (edited,) = (tmp_path / "edited").rglob("ckpt-*[0-9].json")
+    provenance = json.loads(edited.read_text())["edit"]
+    assert provenance["direction_source"].startswith(f"label:{name} = nmf:{best} ")
+    np.testing.assert_allclose(provenance["direction"], nmf["directions"][best], rtol=1e-6)
+    missing = "lava" if name != "lava" else "saw"
+    argv[argv.index(f"label:{name}")] = f"label:{missing}"
+    argv[-1] = str(tmp_path / "edited2")
+    assert main(argv) == 2 and not (tmp_path / "edited2").exists()
+
+
+@pytest.mark.unit
+def test_summary_direction_by_index_and_by_label():
+    from probes.editing import summary_direction
+
+    labels = [
+        {
+            "feature": k,
+            "label": name,
+            "share": share,
+            "positive": {},
+            "negative": {},
+            "total": {},
+            "activation": None,
+        }  # fmt: skip
+        for k, (name, share) in enumerate([("saw", 0.4), ("wall", 0.9), ("saw", 0.7)])
+    ]
+    summary = {"layer": "2b", "nmf": {"directions": [[1, 0], [0, 1], [1, 1]], "labels": labels}}
+    d, source = summary_direction(summary, "label:saw", "2b")
+    assert d.tolist() == [1, 1] and source == "label:saw = nmf:2 (share 0.70)"
+    d, source = summary_direction(summary, "nmf:1", "2b")
+    assert d.tolist() == [0, 1] and source == "nmf:1"
+    with pytest.raises(LoupeError, match="labels found: 0:saw"):
+        summary_direction(summary, "label:enemy_left", "2b")
+    with pytest.raises(LoupeError, match="choose nmf:0 .. nmf:2"):
+        summary_direction(summary, "nmf:3", "2b")
+    with pytest.raises(LoupeError, match="not 2a"):
+        summary_direction(summary, "nmf:0", "2a")

@@ -264,7 +264,8 @@ def _load_extra_commands() -> None:
             if exc.name != module:
                 raise
             continue
-        _EXTRA_COMMANDS.append(mod.register)
+        if mod.register not in _EXTRA_COMMANDS:  # main() may run more than once in a process
+            _EXTRA_COMMANDS.append(mod.register)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,11 @@ def register(sub) -> None:
     e = sub.add_parser("edit", help="project a feature direction out of a layer's consumer")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--layer", required=True)
-    e.add_argument("--direction", required=True, help="nmf:K (with --nmf) or a .npy file")
+    e.add_argument(
+        "--direction",
+        required=True,
+        help="nmf:K or label:NAME (e.g. label:saw; both with --nmf) or a .npy file",
+    )
     e.add_argument("--nmf", default=None, help="a probe summary.json holding the NMF directions")
     e.add_argument("--out", required=True, help="new directory for the edited checkpoint")
     e.set_defaults(func=cmd_edit)
@@ -117,25 +121,13 @@ def spawn_workers(args: argparse.Namespace) -> int:
 def cmd_edit(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from probes.editing import write_edited_checkpoint
+    from probes.editing import summary_direction, write_edited_checkpoint
 
     spec = args.direction
-    if spec.startswith("nmf:"):
+    if spec.startswith(("nmf:", "label:")):
         if not args.nmf:
-            raise LoupeError("--direction nmf:K needs --nmf SUMMARY_JSON from `loupe probe`")
-        summary = load_json(args.nmf)
-        directions = (summary.get("nmf") or {}).get("directions")
-        if not directions:
-            raise LoupeError(f"{args.nmf} holds no NMF directions")
-        if summary.get("layer") != args.layer:
-            raise LoupeError(
-                f"{args.nmf} was fitted at layer {summary.get('layer')}, not {args.layer}"
-            )
-        try:
-            k = int(spec.split(":", 1)[1])
-            direction = np.asarray(directions[k])
-        except (ValueError, IndexError):
-            raise LoupeError(f"{spec}: choose nmf:0 .. nmf:{len(directions) - 1}") from None
+            raise LoupeError(f"--direction {spec} needs --nmf SUMMARY_JSON from `loupe probe`")
+        direction, spec = summary_direction(load_json(args.nmf), spec, args.layer)
     else:
         try:
             direction = np.load(spec, allow_pickle=False)
