@@ -53,6 +53,9 @@ class EvaluatorConfig:
     torch_threads: int = 1
     #: the policy's action set: "full" (15 procgen actions) or "article" (9, mapped to procgen's)
     action_set: str = "full"
+    #: hazard groups kept deadly but never drawn (``actors.invisible``: saw, enemy_left,
+    #: enemy_right): the article's invisible-hazard control
+    invisible: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         from loupe.errors import LoupeError
@@ -63,6 +66,12 @@ class EvaluatorConfig:
             raise LoupeError(f"action_set must be 'full' or 'article', not {self.action_set!r}")
         if self.actions not in ("sample", "argmax"):
             raise LoupeError(f"actions must be 'sample' or 'argmax', not {self.actions!r}")
+        if self.invisible:
+            from actors.invisible import check_groups
+
+            if self.game != "coinrun":
+                raise LoupeError(f"invisible hazards exist in CoinRun only, not {self.game}")
+            self.invisible = list(check_groups(self.invisible))
         if self.causes and self.game != "coinrun":
             raise LoupeError(
                 f"failure causes are defined for CoinRun only, not {self.game}; "
@@ -114,7 +123,7 @@ class LevelEvaluator:
     def _make_env(self, level: int):
         from procgen import ProcgenGym3Env
 
-        return ProcgenGym3Env(
+        env = ProcgenGym3Env(
             num=1,
             env_name=self.config.game,
             num_levels=1,
@@ -122,6 +131,11 @@ class LevelEvaluator:
             num_threads=0,
             **self._procgen_kwargs(),
         )
+        if self.config.invisible:
+            from actors.invisible import InvisibleHazards
+
+            env = InvisibleHazards(env, self.config.invisible)
+        return env
 
     def _open(self, level: int) -> _Slot:
         rng = np.random.default_rng([self.config.seed, int(level)])

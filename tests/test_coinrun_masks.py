@@ -227,3 +227,40 @@ def test_unknown_invisible_group_is_refused_with_the_valid_ones():
     with pytest.raises(LoupeError, match="choose from saw, enemy_left, enemy_right"):
         check_groups(["lava"])
     assert check_groups(("saw",)) == ("saw",)
+
+
+@pytest.mark.integration
+def test_level_evaluator_with_invisible_saws_plays_levels_it_never_shows_saws_in():
+    import torch
+
+    from actors.evaluator import EvaluatorConfig, LevelEvaluator
+    from attention import build_policy
+
+    torch.manual_seed(0)
+    policy = build_policy("interpretable", (3, 64, 64), 15)
+    weights = {k: v.numpy() for k, v in policy.state_dict().items()}
+    config = EvaluatorConfig(slots=4, invisible=["saw"], env_options={"distribution_mode": "easy"})
+    evaluator = LevelEvaluator(dict(policy.spec), weights, config)
+    seen = []
+    original = evaluator._actions
+
+    def spy(slots):  # every observation the policy is given: no saw drawn in it
+        for slot in slots:
+            state = CoinRunState.parse(slot.env.callmethod("get_state")[0])
+            seen.append(all(e.alpha == 0 for e in state.entities_of(SAW)))
+        return original(slots)
+
+    evaluator._actions = spy
+    results = evaluator.evaluate(range(6))
+    assert sorted(r.level for r in results) == list(range(6)) and all(seen) and len(seen) > 6
+    with pytest.raises(LoupeError, match="cannot make 'lava' invisible"):
+        EvaluatorConfig(invisible=["lava"])
+
+
+@pytest.mark.integration
+def test_evaluate_command_refuses_a_bad_invisible_group(tmp_path):
+    from loupe.cli import main
+
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "x.json"), "--invisible", "lava",
+                 "--out", str(tmp_path / "e")])  # fmt: skip
+    assert code == 2 and not (tmp_path / "e").exists()

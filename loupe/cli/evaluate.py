@@ -16,6 +16,9 @@ def register(sub) -> None:
     p.add_argument("--chunk", type=int, default=32, help="levels per task")
     p.add_argument("--no-causes", action="store_true", help="plain success rates, no causes")
     p.add_argument("--seed", type=int, default=0, help="action-sampling seed")
+    p.add_argument("--invisible", action="append", default=[], metavar="GROUP",
+                   help="keep a hazard group deadly but never drawn: saw, enemy_left or "
+                   "enemy_right (repeatable; the invisible-hazard control)")  # fmt: skip
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local)")
     p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--no-progress", action="store_true")
@@ -37,6 +40,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         causes=not args.no_causes,
         seed=args.seed,
         ray_address=args.ray_address,
+        invisible=args.invisible,
     )
     summary = evaluate(cfg, progress=not args.no_progress)
     print(format_table(summary))

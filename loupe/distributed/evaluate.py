@@ -52,6 +52,8 @@ class EvalConfig:
     seed: int = 0
     #: Ray address (None: local Ray)
     ray_address: str | None = None
+    #: hazard groups that stay deadly but are never drawn (saw, enemy_left, enemy_right)
+    invisible: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if not self.checkpoints:
@@ -62,6 +64,10 @@ class EvalConfig:
             raise LoupeError(f"--start-level must be >= 0, got {self.start_level}")
         if self.workers < 0 or self.slots <= 0 or self.chunk <= 0:
             raise LoupeError("--workers must be >= 0 and --slots, --chunk positive")
+        if self.invisible:
+            from actors.invisible import check_groups
+
+            self.invisible = list(check_groups(self.invisible))
         if self.distribution_mode not in (None, "easy", "hard", "extreme", "memory", "exploration"):
             raise LoupeError(f"unknown --distribution-mode {self.distribution_mode!r}")
 
@@ -123,6 +129,7 @@ def load_target(path: str, cfg: EvalConfig) -> Target:
             causes=cfg.causes,
             seed=cfg.seed,
             action_set=env_opts.get("action_set") or "full",
+            invisible=list(cfg.invisible),
         ),
     )
 
@@ -137,6 +144,7 @@ def identity(cfg: EvalConfig, targets: list[Target]) -> dict[str, Any]:
         "seed": cfg.seed,
         "causes": cfg.causes,
         "env_options": [t.evaluator.env_options for t in targets],
+        **({"invisible": list(cfg.invisible)} if cfg.invisible else {}),
     }
 
 
