@@ -152,11 +152,14 @@ def check_learners(learners: int, device: torch.device, actors: int = 0) -> None
             )
     cpus = available_cpus()
     if learners + actors > cpus:
-        what = f"{learners} learners" + (f" + {actors} rollout actors" if actors else "")
+        if actors:
+            raise LoupeError(
+                f"{learners} learners and {actors} rollout actors need {learners + actors} CPUs "
+                f"(one each) but this machine has {cpus}; use fewer --learners or --actors"
+            )
         raise LoupeError(
-            f"{what} need {learners + actors} CPUs (one each) but this machine has {cpus}; "
-            f"use --learners {max(cpus - actors, 1)} or fewer"
-            + (" or fewer --actors" if actors else "")
+            f"{learners} learners need {learners} CPUs (one each) but this machine has {cpus}; "
+            f"use --learners {cpus} or fewer"
         )
 
 
@@ -185,8 +188,16 @@ class DataParallelLearner:
         self.broken: str | None = None
         backend = "nccl" if device.type == "cuda" else "gloo"
         port = free_port()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # on this node: the ranks meet on its loopback, and its CPUs and GPUs were counted
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         remote = ray.remote(
-            num_cpus=1, num_gpus=1 if backend == "nccl" else 0, max_restarts=0, max_task_retries=0
+            num_cpus=1,
+            num_gpus=1 if backend == "nccl" else 0,
+            max_restarts=0,
+            max_task_retries=0,
+            scheduling_strategy=here,
         )(LearnerRank)
         spec = policy.spec
         self.ranks = [
@@ -204,7 +215,7 @@ class DataParallelLearner:
             for r in range(n)
         ]
         try:
-            self.pids = self._gather([a.pid.remote() for a in self.ranks], "starting")
+            self.pids = self._gather([a.pid.remote() for a in self.ranks], "at start-up")
         except LoupeError:
             self.close()
             raise
@@ -221,11 +232,13 @@ class DataParallelLearner:
             weights = ray.put(
                 {k: v.detach().cpu().numpy() for k, v in self.policy.state_dict().items()}
             )
-            self._gather([a.set_weights.remote(weights) for a in self.ranks], "loading weights")
+            self._gather(
+                [a.set_weights.remote(weights) for a in self.ranks], "while loading weights"
+            )
             self._dirty = False
         ref = ray.put(rollout)
         results = self._gather(
-            [a.update.remote(ref) for a in self.ranks], f"update {self.update_index + 1}"
+            [a.update.remote(ref) for a in self.ranks], f"in update {self.update_index + 1}"
         )
         stats, counters, weights = results[0]
         with torch.no_grad():
@@ -240,7 +253,9 @@ class DataParallelLearner:
         from learner.ppo import TrainState
 
         self._check_usable()
-        tensors, meta = self._gather([self.ranks[0].state_dict.remote()], "saving state")[0]
+        tensors, meta = self._gather([self.ranks[0].state_dict.remote()], "while saving its state")[
+            0
+        ]
         state = TrainState({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, meta)
         state.tensors["rng.torch"] = torch.get_rng_state()
         kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -253,7 +268,7 @@ class DataParallelLearner:
         self._check_usable()
         tensors = {k: v.numpy() for k, v in state.tensors.items()}
         self._gather([a.load_state_dict.remote(tensors, state.meta) for a in self.ranks],
-                     "loading state")  # fmt: skip
+                     "while loading the saved state")  # fmt: skip
         torch.set_rng_state(state.tensors["rng.torch"])
         kind, pos, has_gauss, cached = state.meta["numpy_rng"]
         keys = state.tensors["rng.numpy_keys"].numpy().astype(np.uint32)
@@ -263,7 +278,7 @@ class DataParallelLearner:
         self._dirty = True  # the driver's policy was loaded from the same checkpoint
 
     def rank_weights(self, rank: int) -> dict[str, np.ndarray]:
-        return self._gather([self.ranks[rank].weights.remote()], "reading weights")[0]
+        return self._gather([self.ranks[rank].weights.remote()], "while reading its weights")[0]
 
     def close(self) -> None:
         import ray
@@ -297,7 +312,7 @@ class DataParallelLearner:
                     else:
                         first = str(exc.cause).strip().splitlines()
                         self.broken = (
-                            f"learner {i} failed while {what} "
+                            f"learner {i} failed {what} "
                             f"({type(exc.cause).__name__}: {first[0] if first else ''}); "
                             f"{self._resume_hint()}"
                         )
@@ -306,8 +321,7 @@ class DataParallelLearner:
                     self.close()
                     pid = self.pids[i] if hasattr(self, "pids") else "?"
                     self.broken = (
-                        f"learner {i} (pid {pid}) died while {what}; the run stops: "
-                        f"{self._resume_hint()}"
+                        f"learner {i} (pid {pid}) died {what}; the run stops: {self._resume_hint()}"
                     )
                     raise LoupeError(self.broken) from None
         return results
