@@ -212,12 +212,21 @@ def test_killed_learner_stops_the_run_in_one_line_and_resume_continues(tmp_path)
     assert steps[-1] == killed_at + 64 and killed_at in steps
     assert len(steps) == len(set(steps))
     assert json.loads((run / "config.json").read_text())["learners"] == 2
+    # a learner count this machine cannot run is refused on resume too, and the run is untouched
+    from loupe.distributed.learners import available_cpus
+
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    too_many = str(1 << available_cpus().bit_length())
+    proc = subprocess.run([*CLI, "--resume", str(run), "--learners", too_many, "--no-progress"],
+                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len([l for l in proc.stderr.splitlines() if l.startswith("loupe: error:")]) == 1
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("learners, needle", [
     ("0", "--learners must be at least 1"),
-    ("-1", "--learners must be at least 1"),
     ("3", "does not split evenly over 3 learners"),
     ("cpus", "CPUs (one each) but this machine has"),
 ])  # fmt: skip

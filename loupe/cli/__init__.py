@@ -171,7 +171,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             if args.total_steps <= 0:
                 raise LoupeError(f"--total-steps must be positive, got {args.total_steps}")
             config.ppo.total_steps = args.total_steps
+        if args.learners is not None and args.learners != config.learners:
+            if args.learners < 1:
+                raise LoupeError(f"--learners must be at least 1, got {args.learners}")
+            config = dataclasses.replace(config, learners=args.learners)  # validated again
         trainer = Trainer(config, resume=True, progress=not args.no_progress)
+        if config.learners != TrainConfig.load(run.config_path).learners:
+            config.save(run.config_path)  # later resumes keep the new learner count
     else:
         config = build_train_config(args)
         run = RunDir(config.run_dir)
