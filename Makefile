@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loupe-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup check lint format test test-all bench bench-placement demo clean
+.PHONY: setup check lint format test test-all bench bench-gpu bench-placement demo clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,11 @@ test-all: setup
 
 bench: setup
 	$(VENV)/bin/loupe bench --out bench/results.json
+
+# on a CUDA machine: end to end with central inference for 1..N actors, learner only (fp32 and bf16,
+# 1..#GPUs learners), IG and evaluation levels/s, in about 6 minutes; without CUDA it says so, exit 2
+bench-gpu: setup
+	$(VENV)/bin/loupe bench --gpu --out bench/gpu.json
 
 # actor (lag 1) vs central inference, 5 seeds x 160k CoinRun steps each, classic PPO; then the actor
 # placement again with decoupled PPO (about 70 min on 2 cores in all); resumable, finished runs are kept

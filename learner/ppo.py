@@ -31,14 +31,20 @@ class LossInput(Protocol):
 
 
 def ppo_loss(
-    out: LossInput, mb: dict[str, torch.Tensor], clip_coef: float, cfg: PPOConfig
+    out: LossInput,
+    mb: dict[str, torch.Tensor],
+    clip_coef: float,
+    cfg: PPOConfig,
+    adv_moments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate PPO loss on one minibatch of B samples -> (loss, detached stats).
 
     ``mb`` holds ``actions``, ``logprobs`` (behaviour), ``values`` (behaviour), ``advantages`` and
     ``returns``, all (B,), and for decoupled PPO ``prox_logprobs`` (the learner's, before the
     update). loss = policy_loss - ent_coef * entropy + vf_coef * value_loss
-    (+ attn_coef * mean attention entropy when attn_coef > 0).
+    (+ attn_coef * mean attention entropy when attn_coef > 0). ``adv_moments`` (mean, std) of the
+    whole minibatch replace those of ``mb["advantages"]`` in the advantage normalisation (data-
+    parallel learners each hold a share of the minibatch).
     """
     logp_all = torch.log_softmax(out.logits, dim=-1)  # (B, A)
     newlogp = logp_all.gather(1, mb["actions"][:, None]).squeeze(1)  # (B,)
@@ -49,7 +55,8 @@ def ppo_loss(
     ratio = logratio.exp()
     adv = mb["advantages"]
     if cfg.norm_adv:
-        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        mean, std = (adv.mean(), adv.std()) if adv_moments is None else adv_moments
+        adv = (adv - mean) / (std + 1e-8)
     clipped_ratio = ratio.clamp(1 - clip_coef, 1 + clip_coef)
     surrogate = torch.max(-adv * ratio, -adv * clipped_ratio)  # (B,)
     if "prox_logprobs" in mb:
@@ -117,14 +124,28 @@ class TrainState:
 class PPOLearner:
     """Owns the optimiser; ``update(rollout)`` runs epochs x minibatches of PPO on one batch."""
 
-    def __init__(self, policy: nn.Module, cfg: PPOConfig, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        policy: nn.Module,
+        cfg: PPOConfig,
+        device: str | torch.device = "cpu",
+        shards: int = 1,
+    ):
         if cfg.attn_coef > 0 and not getattr(policy, "has_attention", False):
             name = getattr(policy, "spec", {}).get("name", type(policy).__name__)
             raise LoupeError(
                 f"attn_coef={cfg.attn_coef} needs a policy with attention, and {name} has none; "
                 "set attn_coef to 0 or choose an attention policy"
             )
+        if shards < 1 or cfg.batch_size % (shards * cfg.num_minibatches):
+            raise LoupeError(
+                f"batch of {cfg.batch_size} does not split into {cfg.num_minibatches} minibatches "
+                f"of {shards} equal shares each; change --learners or --minibatches"
+            )
         self.cfg = cfg
+        #: each minibatch takes an equal share from each of ``shards`` contiguous parts of the
+        #: batch, in one order for all parts: the minibatches N data-parallel learners see together
+        self.shards = shards
         self.device = torch.device(device)
         self.policy = policy.to(self.device)
         self.optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
@@ -183,6 +204,13 @@ class PPOLearner:
 
     def _flatten(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """GAE on the (T, N) arrays, then (B = T*N) tensors on the learner's device."""
+        flat = self._targets(rollout)
+        b = rollout.actions.size
+        obs = torch.from_numpy(rollout.obs.reshape(b, *rollout.obs.shape[2:])).to(self.device)
+        return obs, flat  # (B, C, H, W), {key: (B,)}
+
+    def _targets(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Actions, behaviour log-probs and values, GAE advantages and returns: (B,) each."""
         cfg = self.cfg
         rewards = rollout.rewards
         if self.normalizer is not None:
@@ -198,9 +226,7 @@ class PPOLearner:
             "advantages": adv,
             "returns": ret,
         }
-        flat = {k: torch.from_numpy(v.reshape(b)).to(self.device) for k, v in arrays.items()}
-        obs = torch.from_numpy(rollout.obs.reshape(b, *rollout.obs.shape[2:])).to(self.device)
-        return obs, flat  # (B, C, H, W), {key: (B,)}
+        return {k: torch.from_numpy(v.reshape(b)).to(self.device) for k, v in arrays.items()}
 
     @torch.no_grad()
     def _logprobs(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -224,19 +250,41 @@ class PPOLearner:
         self, obs: torch.Tensor, flat: dict[str, torch.Tensor], clip: float
     ) -> dict[str, float]:
         cfg = self.cfg
-        batch, mb_size = obs.shape[0], cfg.minibatch_size
+        batch = obs.shape[0]
         sums: dict[str, torch.Tensor] = {}
         count = 0
         self.policy.train()
         for _ in range(cfg.update_epochs):
-            order = torch.randperm(batch, generator=self.generator).to(self.device)  # (B,)
-            for start in range(0, batch, mb_size):
-                idx = order[start : start + mb_size]  # (b,)
+            for idx in self._minibatch_order(batch).to(self.device):  # (b,) per minibatch
                 stats = self._step(obs[idx], {k: v[idx] for k, v in flat.items()}, clip)
                 for k, v in stats.items():
                     sums[k] = sums[k] + v if k in sums else v
                 count += 1
-        return {k: float(v) / count for k, v in sums.items()}
+        return {k: float(v) / count for k, v in self._reduce_stats(sums).items()}
+
+    def _minibatch_order(self, batch: int) -> torch.Tensor:
+        """(num_minibatches, batch // num_minibatches) sample indices of one epoch.
+
+        One permutation of ``batch // shards`` is drawn; minibatch j takes its j-th slice in every
+        shard (shard s holds samples s*batch/shards ...). With one shard: a plain permutation.
+        """
+        per_shard = batch // self.shards
+        perm = torch.randperm(per_shard, generator=self.generator)  # (batch / shards,)
+        blocks = perm.view(self.cfg.num_minibatches, 1, -1)  # (M, 1, m)
+        offsets = torch.arange(self.shards).view(1, -1, 1) * per_shard  # (1, shards, 1)
+        return (blocks + offsets).reshape(self.cfg.num_minibatches, -1)
+
+    # -- data-parallel hooks: one learner needs none (see learner.parallel) --------------------
+    def _advantage_moments(self, adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean, std) of the whole minibatch's advantages; None: those of ``adv`` itself."""
+        return None
+
+    def _reduce_gradients(self) -> None:
+        """Make every parameter's gradient that of the whole minibatch (one learner: it is)."""
+
+    def _reduce_stats(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-minibatch stat sums of this learner -> those of the whole batch (one learner: same)."""
+        return sums
 
     def _step(
         self, obs: torch.Tensor, mb: dict[str, torch.Tensor], clip: float
@@ -244,9 +292,11 @@ class PPOLearner:
         """One Adam step on one minibatch -> its detached stats."""
         with self._autocast():
             out = self.policy(obs)
-        loss, stats = ppo_loss(_float_output(out), mb, clip, self.cfg)
+        moments = self._advantage_moments(mb["advantages"]) if self.cfg.norm_adv else None
+        loss, stats = ppo_loss(_float_output(out), mb, clip, self.cfg, moments)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._reduce_gradients()
         stats["grad_norm"] = nn.utils.clip_grad_norm_(
             self.policy.parameters(), self.cfg.max_grad_norm
         ).detach()

@@ -351,3 +351,245 @@ def bench_evaluate(opts: dict[str, Any]) -> dict[str, Any]:
             )
     out["target"] = ">= 20x a one-env sequential loop (on 16 cores + GPU)"
     return out
+
+
+# -- `loupe bench --gpu` (make bench-gpu): one GPU box, bounded time --------------------------------
+@dataclasses.dataclass
+class GpuBenchConfig:
+    """Settings of `loupe bench --gpu`: end to end with central inference, learner, IG, evaluation."""
+
+    #: torch device the learner, central inference and IG run on ("cuda" unless a dry run)
+    device: str = "cuda"
+    #: tiny sizes (a dry run of every code path, e.g. on CPU); figures then mean nothing
+    quick: bool = False
+    #: seconds the whole benchmark may take; what does not fit is listed under "skipped"
+    budget_s: float = 360.0
+    #: most rollout actors in the end-to-end sweep (0: the CPUs less two)
+    max_actors: int = 0
+
+
+def _gpu_sizes(cfg: GpuBenchConfig) -> dict[str, Any]:
+    """Workload of each part: the procgen preset's update on the GPU box, tiny ones when quick."""
+    import os
+
+    cpus = os.cpu_count() or 1
+    max_actors = cfg.max_actors or max(1, cpus - 2)
+    if cfg.quick:
+        return dict(policy="nature", envs_per_actor=2, num_steps=8, minibatches=2, epochs=1,
+                    actors=[1], updates=1, learner_envs=2, learner_steps=16, ig_batches=[2],
+                    ig_policies=[("interpretable", "2b")], eval_levels=2, eval_workers=1)  # fmt: skip
+    sweep = sorted({1, *[a for a in (2, 4, 8, 16, 32) if a < max_actors], max_actors})
+    return dict(policy="impala", envs_per_actor=32, num_steps=64, minibatches=8, epochs=3,
+                actors=sweep, updates=2, learner_envs=64, learner_steps=256,
+                ig_batches=[16, 64, 256], ig_policies=[("interpretable", "2b"), ("impala", "s2")],
+                eval_levels=256, eval_workers=max(1, min(cpus - 1, 15)))  # fmt: skip
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gpu_end_to_end(size: dict[str, Any], actors: int, device: str) -> dict[str, Any]:
+    """CoinRun PPO steps/s with ``actors`` env-stepping actors and the policy on ``device``."""
+    from loupe.train import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        n = size["envs_per_actor"] * actors
+        cfg = _train_config("procgen:coinrun", size["policy"], n, size["num_steps"], 10**9, tmp,
+                            actors=actors, distribution_mode="easy")  # fmt: skip
+        ppo = dataclasses.replace(cfg.ppo, num_minibatches=size["minibatches"],
+                                  update_epochs=size["epochs"])  # fmt: skip
+        cfg = dataclasses.replace(cfg, ppo=ppo, inference="central", device=device)
+        trainer = Trainer(cfg, progress=False)
+        try:
+            trainer.sampler.start(trainer.weights(), 0)
+            sample = update = 0.0
+            for u in range(size["updates"] + 1):  # the first is warm-up
+                t0 = time.perf_counter()
+                rollout, _ = trainer.sampler.collect()
+                t1 = time.perf_counter()
+                trainer.learner.update(rollout)
+                trainer.sampler.publish(trainer.weights(), u + 1)
+                _sync(trainer.device)
+                t2 = time.perf_counter()
+                if u:
+                    sample, update = sample + t1 - t0, update + t2 - t1
+        finally:
+            trainer.sampler.close()
+    steps = n * size["num_steps"] * size["updates"]
+    return {"actors": actors, "num_envs": n, "steps_per_s": steps / (sample + update),
+            "sampling_steps_per_s": steps / sample, "update_steps_per_s": steps / update}  # fmt: skip
+
+
+def _synthetic_rollout(num_steps: int, num_envs: int, n_actions: int, seed: int = 0):
+    """A procgen-shaped Rollout of random frames, actions and rewards (for learner-only figures)."""
+    from learner.rollout import Rollout
+
+    rng = np.random.default_rng(seed)
+    t, n = num_steps, num_envs
+    return Rollout(
+        obs=rng.integers(0, 256, (t, n, 3, 64, 64), dtype=np.uint8),
+        actions=rng.integers(0, n_actions, (t, n)).astype(np.int64),
+        logprobs=np.full((t, n), -np.log(n_actions), np.float32),
+        values=rng.normal(size=(t, n)).astype(np.float32),
+        rewards=(rng.random((t, n)) < 0.05).astype(np.float32) * 10,
+        dones=rng.random((t, n)) < 0.01,
+        last_obs=rng.integers(0, 256, (n, 3, 64, 64), dtype=np.uint8),
+        last_value=np.zeros(n, np.float32),
+        level_seeds=np.full((t, n), -1, np.int64),
+        policy_version=0,
+        episodes=[],
+    )
+
+
+def gpu_learner(size: dict[str, Any], learners: int, precision: str, device: str) -> float:
+    """PPO update steps/s alone (synthetic batch, the preset's epochs and minibatches)."""
+    from attention import build_policy
+    from learner import PPOConfig, PPOLearner
+
+    n, t = size["learner_envs"], size["learner_steps"]
+    ppo = PPOConfig.preset("procgen", num_envs=n, num_steps=t, num_minibatches=size["minibatches"],
+                           update_epochs=size["epochs"], precision=precision)  # fmt: skip
+    torch.manual_seed(0)
+    policy = build_policy(size["policy"], (3, 64, 64), 15)
+    if learners == 1:
+        learner, close = PPOLearner(policy, ppo, device=device), None
+    else:
+        from loupe.distributed.learners import DataParallelLearner
+
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = dataclasses.replace(_train_config("procgen:coinrun", size["policy"], n, t, 10**9,
+                                                    tmp), ppo=ppo, learners=learners)  # fmt: skip
+            learner = DataParallelLearner(cfg, policy, torch.device(device))
+        close = learner.close
+    rollout = _synthetic_rollout(t, n, 15)
+    try:
+        learner.update(rollout)  # warm-up
+        _sync(torch.device(device))
+        t0 = time.perf_counter()
+        for _ in range(size["updates"]):
+            learner.update(rollout)
+        _sync(torch.device(device))
+        elapsed = time.perf_counter() - t0
+    finally:
+        if close:
+            close()
+    return n * t * size["updates"] / elapsed
+
+
+def gpu_ig(policy_name: str, layer: str, batch: int, device: str, repeats: int = 3) -> dict:
+    """Hidden-layer IG of value + every logit in one pass: observations/s (best of ``repeats``)."""
+    from attention import build_policy
+    from probes.attribution import IntegratedGradients
+
+    torch.manual_seed(0)
+    policy = build_policy(policy_name, (3, 64, 64), 15).to(device).eval()
+    obs = torch.randint(0, 256, (batch, 3, 64, 64), dtype=torch.uint8, device=device)
+    ig = IntegratedGradients(policy, layer)
+    ig.attribute(obs[:1], "all")  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(torch.device(device))
+        t0 = time.perf_counter()
+        ig.attribute(obs, "all")
+        _sync(torch.device(device))
+        best = min(best, time.perf_counter() - t0)
+    return {"batch": batch, "seconds": best, "obs_per_s": batch / best}
+
+
+def gpu_evaluate(levels: int, workers: int) -> dict[str, Any]:
+    """`loupe evaluate` levels/s on CoinRun (easy) with ``workers`` Ray evaluators, causes on."""
+    from pathlib import Path
+
+    from attention import build_policy
+    from learner.checkpoint import save_checkpoint
+    from loupe.distributed.evaluate import EvalConfig, evaluate
+
+    torch.manual_seed(0)
+    policy = build_policy("impala", (3, 64, 64), 15)
+    with torch.no_grad():
+        policy.pi.bias[8] = 4.0  # right+jump: levels end within a few hundred steps
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = save_checkpoint(Path(tmp) / "run", policy, {
+            "step": 1, "env": "procgen:coinrun", "env_options": {"distribution_mode": "easy"}})  # fmt: skip
+        summary = evaluate(EvalConfig(checkpoints=[str(ckpt)], out=f"{tmp}/eval", levels=levels,
+                                      workers=workers), progress=False)  # fmt: skip
+    (stats,) = summary["checkpoints"].values()
+    return {"levels": levels, "workers": workers, "levels_per_s": stats["levels_per_s"]}
+
+
+def run_gpu_benchmarks(cfg: GpuBenchConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every GPU figure in one run, within ``cfg.budget_s``; parts that would not fit are skipped."""
+    from loupe.errors import LoupeError
+
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoupeError(
+            "bench --gpu needs a CUDA device and torch sees none; run it on a GPU machine "
+            "(a dry run of the code path here: loupe bench --gpu --device cpu --quick)"
+        )
+    if device.type != "cuda" and not cfg.quick:
+        raise LoupeError("bench --gpu on a CPU is only a dry run: add --quick")
+    size = _gpu_sizes(cfg)
+    start = time.perf_counter()
+    deadline = start + cfg.budget_s
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 1
+    results: dict[str, Any] = {
+        "machine": machine_info(),
+        "config": dataclasses.asdict(cfg),
+        "sizes": {k: v for k, v in size.items() if k != "ig_policies"},
+        "skipped": [],
+    }
+
+    def fits(what: str, share: float) -> bool:
+        """Whether ``what`` may start: it should leave ``share`` of the budget for later parts."""
+        if time.perf_counter() + share * cfg.budget_s <= deadline:
+            return True
+        results["skipped"].append(what)
+        echo(f"  skipped {what}: the time budget is spent")
+        return False
+
+    e2e: dict[str, Any] = {"policy": size["policy"], "inference": "central", "runs": [],
+                           "target": ">= 100k CoinRun steps/s end to end (SPEC 3)"}  # fmt: skip
+    results["end_to_end"] = e2e
+    for actors in size["actors"]:
+        if fits(f"end_to_end actors={actors}", 0.45):
+            echo(f"bench gpu: end to end, central inference, {actors} actor(s) ...")
+            e2e["runs"].append(gpu_end_to_end(size, actors, cfg.device))
+    if e2e["runs"]:
+        e2e["best_steps_per_s"] = max(r["steps_per_s"] for r in e2e["runs"])
+
+    learner: dict[str, Any] = {"policy": size["policy"], "runs": [],
+                               "batch": size["learner_envs"] * size["learner_steps"]}  # fmt: skip
+    results["learner"] = learner
+    for learners in range(1, gpus + 1):
+        for precision in ("fp32", "bf16", "fp32", "bf16"):  # alternated: A B A B
+            if fits(f"learner learners={learners} {precision}", 0.25):
+                echo(f"bench gpu: learner only, {learners} learner(s), {precision} ...")
+                sps = gpu_learner(size, learners, precision, cfg.device)
+                learner["runs"].append({"learners": learners, "precision": precision,
+                                        "steps_per_s": sps})  # fmt: skip
+    for learners in range(1, gpus + 1):
+        for precision in ("fp32", "bf16"):
+            rates = [r["steps_per_s"] for r in learner["runs"]
+                     if r["learners"] == learners and r["precision"] == precision]  # fmt: skip
+            if rates:
+                learner[f"learners_{learners}_{precision}_steps_per_s"] = float(np.mean(rates))
+
+    ig: dict[str, Any] = {"targets": "value + every logit, one pass"}
+    results["ig"] = ig
+    for name, layer in size["ig_policies"]:
+        for batch in size["ig_batches"]:
+            if fits(f"ig {name}/{layer} B={batch}", 0.12):
+                echo(f"bench gpu: IG {name}/{layer}, B={batch} ...")
+                ig.setdefault(f"{name}/{layer}", {})[str(batch)] = gpu_ig(
+                    name, layer, batch, cfg.device
+                )
+
+    if fits("evaluate", 0.0):
+        echo(f"bench gpu: evaluation, {size['eval_workers']} worker(s) ...")
+        results["evaluate"] = gpu_evaluate(size["eval_levels"], size["eval_workers"])
+    results["bench_seconds"] = time.perf_counter() - start
+    results["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return results

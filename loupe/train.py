@@ -57,6 +57,9 @@ class TrainConfig:
     inference: str = "actor"
     #: maximum versions between behaviour and learner weights (0: synchronous)
     max_policy_lag: int = 1
+    #: data-parallel learner processes (Ray actors over torch.distributed: NCCL, one GPU each, on
+    #: CUDA; gloo, one CPU each, otherwise); each trains on an equal share of every minibatch
+    learners: int = 1
     #: Ray address ("auto" or host:port); None starts a local Ray
     ray_address: str | None = None
     #: Redis URL for checkpoint announcements; None starts a private server in the run dir
@@ -85,6 +88,10 @@ class TrainConfig:
             raise LoupeError(f"--inference must be 'actor' or 'central', not {self.inference!r}")
         if self.max_policy_lag < 0:
             raise LoupeError("--max-policy-lag must be >= 0")
+        if self.learners != 1:
+            from learner.parallel import check_split
+
+            check_split(self.ppo, self.learners)
 
     @property
     def envs_per_actor(self) -> int:
@@ -117,6 +124,10 @@ class Trainer:
         self.run = RunDir(config.run_dir)
         self.progress = progress
         self.device = resolve_device(config.device)
+        if config.learners > 1:
+            from loupe.distributed.learners import check_learners
+
+            check_learners(config.learners, self.device, config.actors)  # before anything starts
         np.random.seed(config.ppo.seed)
         self.sampler = make_sampler(config)
         # seeded here: the initial weights must not depend on what building the sampler drew
@@ -124,7 +135,16 @@ class Trainer:
         self.policy = build_policy(
             config.policy, self.sampler.obs_shape, self.sampler.n_actions, **config.policy_options
         )
-        self.learner = PPOLearner(self.policy, config.ppo, device=str(self.device))
+        if config.learners > 1:
+            from loupe.distributed.learners import DataParallelLearner
+
+            try:
+                self.learner = DataParallelLearner(config, self.policy, self.device)
+            except BaseException:
+                self.sampler.close()
+                raise
+        else:
+            self.learner = PPOLearner(self.policy, config.ppo, device=str(self.device))
         if hasattr(self.sampler, "attach"):  # central inference acts with the learner's network
             self.sampler.attach(self.policy, self.device)
         self.version = 0
@@ -337,12 +357,15 @@ class Trainer:
             bar.write("interrupted: writing a checkpoint before exit")
             raise
         finally:
-            if updates_since_ckpt:
+            # a dead data-parallel learner took its optimiser state along: keep the last checkpoint
+            if updates_since_ckpt and not getattr(self.learner, "broken", None):
                 path = self.checkpoint()
                 bar.write(f"checkpoint {path}")
             bar.close()
             writer.close()
             self.sampler.close()
+            if hasattr(self.learner, "close"):
+                self.learner.close()
             if self.unannounced:
                 log.warning(
                     "%d checkpoint(s) are saved in %s but not announced (Redis unreachable); once "

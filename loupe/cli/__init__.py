@@ -69,6 +69,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    "the learner when the batch is stale (default)")  # fmt: skip
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="arithmetic of the PPO update: fp32 (default) or bf16 autocast")  # fmt: skip
+    p.add_argument("--learners", type=int, default=None,
+                   help="data-parallel learner processes (NCCL, one GPU each; gloo, one CPU each)")  # fmt: skip
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local Ray)")
     p.add_argument("--redis", default=None, help="redis://... URL (default: private server)")
     p.add_argument("--no-announce", action="store_true", help="do not announce checkpoints")
@@ -130,8 +132,11 @@ def build_train_config(args: argparse.Namespace):
         )
     env = EnvConfig(env_id=args.env, num_envs=ppo.num_envs, seed=ppo.seed, **env_options)
     extra: dict[str, Any] = {}
+    if args.learners is not None and args.learners < 1:
+        raise LoupeError(f"--learners must be at least 1, got {args.learners}")
     for key in (
         "checkpoint_every",
+        "learners",
         "inference",
         "max_policy_lag",
         "ray_address",
@@ -166,7 +171,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             if args.total_steps <= 0:
                 raise LoupeError(f"--total-steps must be positive, got {args.total_steps}")
             config.ppo.total_steps = args.total_steps
+        if args.learners is not None and args.learners != config.learners:
+            if args.learners < 1:
+                raise LoupeError(f"--learners must be at least 1, got {args.learners}")
+            config = dataclasses.replace(config, learners=args.learners)  # validated again
         trainer = Trainer(config, resume=True, progress=not args.no_progress)
+        if config.learners != TrainConfig.load(run.config_path).learners:
+            config.save(run.config_path)  # later resumes keep the new learner count
     else:
         config = build_train_config(args)
         run = RunDir(config.run_dir)
