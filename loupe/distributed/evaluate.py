@@ -176,14 +176,19 @@ def _source_name(source: str) -> str:
 
 
 def edit_name(edit: dict[str, Any], run_id: str, known: dict[str, str]) -> str:
-    """ "<source> of <layer> projected out of <parent>"; ``known`` maps sha256 -> a parent's name."""
+    """The name of an edited checkpoint: "<source> of <layer> projected out of <parent>".
+
+    ``known`` maps sha256 -> the name of an evaluated checkpoint; a parent not in it is named by
+    its own edit (``parent_edit``) or by run and step.
+    """
     parent = known.get(edit.get("parent_sha256", ""))
     if parent is None:
         if edit.get("parent_edit"):
             parent = edit_name(edit["parent_edit"], run_id, known)
         else:
             parent = f"{run_id} step {edit.get('parent_step', '?')}"
-    return f"{_source_name(edit.get('direction_source', 'a direction'))} of {edit['layer']} projected out of {parent}"
+    source = _source_name(edit.get("direction_source", "a direction"))
+    return f"{source} of {edit['layer']} projected out of {parent}"
 
 
 def name_targets(targets: list[Target], labels: dict[str, str]) -> None:
@@ -217,11 +222,8 @@ def name_targets(targets: list[Target], labels: dict[str, str]) -> None:
 
 
 # -- the output directory --------------------------------------------------------------------------
-#: the fields of eval.json that pin an evaluation (``labels`` and ``tests`` are written after it)
-IDENTITY_KEYS = ("schema", "checkpoints", "levels", "start_level", "seed", "causes", "env_options")
-
-
 def identity(cfg: EvalConfig, targets: list[Target]) -> dict[str, Any]:
+    """What eval.json pins (``labels`` and ``tests`` are added when the evaluation finishes)."""
     return {
         "schema": 1,
         "checkpoints": [{"label": t.label, "sha256": t.sha256} for t in targets],
