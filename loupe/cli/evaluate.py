@@ -28,11 +28,7 @@ def register(sub) -> None:
         "and results (repeatable; default: an edited checkpoint's edit, e.g. 'nmf:3 of 2b "
         "projected out of RUN step N', else 'RUN step N')",
     )
-    p.add_argument(
-        "--out",
-        required=True,
-        help="output directory; the same command resumes it, a larger --levels extends it",
-    )
+    p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
