@@ -39,6 +39,7 @@ from actors.coinrun_state import (
     CoinRunState,
     Entity,
 )
+from actors.failure import enemy_group
 from loupe.errors import LoupeError
 
 #: object classes, in mask order; "background" is what no object covers
@@ -104,16 +105,6 @@ def camera(state: CoinRunState, size: int = 64) -> Camera:
     return Camera(w / 2, h / 2, float(visibility), size)
 
 
-def enemy_direction(entity: Entity) -> str:
-    """ "enemy_left" or "enemy_right": the way the enemy moves; a standing enemy (vx == 0) by the way
-    it faces (procgen mirrors an enemy's sprite while it moves right: ``is_reflected``)."""
-    if entity.vx < 0:
-        return "enemy_left"
-    if entity.vx > 0:
-        return "enemy_right"
-    return "enemy_right" if entity.is_reflected else "enemy_left"
-
-
 def entity_class(entity: Entity, state: CoinRunState) -> str | None:
     """The class an entity is drawn as, or None for what draws nothing of interest."""
     if entity.type == PLAYER:
@@ -121,12 +112,12 @@ def entity_class(entity: Entity, state: CoinRunState) -> str | None:
     if entity.type == SAW:
         return "saw"
     if entity.type == ENEMY:
-        return enemy_direction(entity)
+        return enemy_group(entity)
     if entity.type == CRATE:
         return "wall"
     if entity.type == TRAIL:
         owner = _trail_owner(entity, state)
-        return enemy_direction(owner) if owner is not None else None
+        return enemy_group(owner) if owner is not None else None
     return None
 
 
@@ -226,7 +217,6 @@ __all__ = [
     "camera",
     "class_masks",
     "draw_list",
-    "enemy_direction",
     "entity_class",
     "mask_stack",
     "pool_masks",

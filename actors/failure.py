@@ -1,10 +1,19 @@
 """Why did the CoinRun agent die? Classification by state replay with hazard ablation.
 
 On a failed step, the state from before the step is loaded into a side environment with one hazard
-group removed (all saws, enemies moving left, enemies moving right, or lava turned to space) and
-the same action is replayed. The single group whose removal avoids the death is the cause; if no
-single removal avoids it (or more than one does) the cause is ``"multiple"``. procgen restores its
-RNGs with the state, so a replay of the unmodified state reproduces the step exactly.
+group removed (all saws, the enemies moving left, the enemies moving right, or lava turned to space)
+and the same action is replayed. The single group whose removal avoids the death is the cause; if
+no single removal avoids it (or more than one does) the cause is ``"multiple"``. procgen restores
+its RNGs with the state, so a replay of the unmodified state reproduces the step exactly.
+
+Enemy groups (``enemy_group``): an enemy with ``vx > 0`` is in ``enemy_right``, every other enemy
+in ``enemy_left``, so the two groups split all enemies. This is procgen's own split: every step
+CoinRun mirrors an enemy's sprite to face right exactly when ``vx > 0`` (``games/coinrun.cpp``:
+``ent->is_reflected = ent->vx > 0``), so an enemy standing still (``vx == 0`` or ``-0.0``) looks
+like a left-moving one in every frame the agent sees. procgen multiplies an entity's ``vx`` by the
+share of a step's sub-steps that were not blocked (a bounce off a blocking wall cell costs an enemy
+a quarter of its speed: 0.15, 0.1125, 0.084 ... in real states); a step with every sub-step
+blocked leaves ``vx == 0`` for good, since a bounce only negates it.
 
     classifier = FailureClassifier(FailureConfig(env_options={"distribution_mode": "hard"}))
     tracker = OutcomeTracker(env, classifier)      # env: procgen.ProcgenGym3Env("coinrun", ...)
@@ -22,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.coinrun_state import ENEMY, LAVA, SAW, SPACE, CoinRunState
+from actors.coinrun_state import ENEMY, LAVA, SAW, SPACE, CoinRunState, Entity
 from loupe.errors import LoupeError
 
 #: the causes ``FailureClassifier.classify`` returns
@@ -36,12 +45,21 @@ def _remove_saws(state: CoinRunState) -> int:
     return state.remove_entities(lambda e: e.type == SAW)
 
 
+def enemy_group(enemy: Entity) -> str:
+    """``"enemy_right"`` if the enemy moves right (``vx > 0``), else ``"enemy_left"``.
+
+    A still enemy (``vx == 0``) is drawn exactly like a left-moving one (procgen mirrors the
+    sprite only when ``vx > 0``), so it belongs to ``enemy_left``.
+    """
+    return "enemy_right" if enemy.vx > 0 else "enemy_left"
+
+
 def _remove_left_enemies(state: CoinRunState) -> int:
-    return state.remove_entities(lambda e: e.type == ENEMY and e.vx < 0)
+    return state.remove_entities(lambda e: e.type == ENEMY and enemy_group(e) == "enemy_left")
 
 
 def _remove_right_enemies(state: CoinRunState) -> int:
-    return state.remove_entities(lambda e: e.type == ENEMY and e.vx > 0)
+    return state.remove_entities(lambda e: e.type == ENEMY and enemy_group(e) == "enemy_right")
 
 
 def _lava_to_space(state: CoinRunState) -> int:

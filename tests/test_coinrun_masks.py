@@ -10,7 +10,6 @@ from actors.coinrun_masks import (
     CLASSES,
     camera,
     class_masks,
-    enemy_direction,
     entity_class,
     pool_masks,
 )
@@ -143,18 +142,6 @@ def test_pool_masks_averages_blocks():
     np.testing.assert_allclose(pooled, ref)
     with pytest.raises(LoupeError, match="divisor"):
         pool_masks(masks, (3, 3))
-
-
-@pytest.mark.unit
-def test_a_standing_enemy_goes_by_the_way_it_faces():
-    class E:
-        def __init__(self, vx, refl):
-            self.vx, self.is_reflected = vx, refl
-
-    assert enemy_direction(E(-0.15, 1)) == "enemy_left"
-    assert enemy_direction(E(0.15, 0)) == "enemy_right"
-    assert enemy_direction(E(0.0, 1)) == "enemy_right"
-    assert enemy_direction(E(0.0, 0)) == "enemy_left"
 
 
 # -- invisible hazards -------------------------------------------------------------------------

@@ -136,8 +136,11 @@ def test_bad_input(checkpoints, tmp_path):
     out = tmp_path / "ev"
     cfg = dict(checkpoints=[str(checkpoints[0])], levels=2, workers=0, slots=2)
     evaluate(EvalConfig(out=str(out), **cfg), progress=False)
-    with pytest.raises(LoupeError, match="holds a different evaluation"):
-        evaluate(EvalConfig(out=str(out), **{**cfg, "levels": 3}), progress=False)
+    with pytest.raises(
+        LoupeError,
+        match="holds another evaluation: it has 2 levels per checkpoint, more than --levels 1",
+    ):
+        evaluate(EvalConfig(out=str(out), **{**cfg, "levels": 1}), progress=False)
     atari = save_checkpoint(tmp_path / "atari", build_policy("nature", (4, 84, 84), 4),
                             {"step": 1, "env": "ALE/Pong-v5"})  # fmt: skip
     with pytest.raises(LoupeError, match="evaluation plays procgen levels"):

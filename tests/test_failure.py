@@ -21,9 +21,11 @@ from actors.coinrun_state import (
 )
 from actors.failure import (
     CAUSES,
+    HAZARD_GROUPS,
     FailureClassifier,
     FailureConfig,
     OutcomeTracker,
+    enemy_group,
 )
 from loupe.errors import LoupeError
 
@@ -119,6 +121,49 @@ def test_enemy_walking_into_the_agent(classifier, side, cause):
     state = enemy_walks_into_agent(side)
     analysis = check(classifier, state, NOOP, cause)
     assert {"enemy_left", "enemy_right"} <= set(analysis.present)
+
+
+def enemy_at(state: CoinRunState, x: float, y: float):
+    (found,) = [e for e in state.entities_of(ENEMY) if abs(e.x - x) < 1e-4 and abs(e.y - y) < 1e-4]
+    return found
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("vx", [0.0, -0.0])
+def test_walking_into_a_still_enemy_is_enemy_left(classifier, vx):
+    """An enemy with vx == 0 is drawn facing left, so it is in enemy_left; it never moves again."""
+    state, i = agent_beside(ENEMY, side=-1)  # the agent stands just left of the enemy
+    enemy = state.entities[i]
+    enemy.vx = vx
+    raw = state.to_bytes()
+    assert CoinRunState.parse(raw).entities[i].vx == 0.0
+    # procgen keeps it still: ten steps later it stands where it stood, vx still 0
+    classifier.env.callmethod("set_state", [raw])
+    for _ in range(10):
+        classifier.env.act(np.array([NOOP], dtype=np.int32))
+    later = CoinRunState.parse(classifier.env.callmethod("get_state")[0])
+    assert enemy_at(later, enemy.x, enemy.y).vx == 0.0
+    assert not classifier.replay(raw, NOOP).done  # standing beside it is safe
+    analysis = check(classifier, state, RIGHT, "enemy_left")  # walking into it is not
+    assert "enemy_left" in analysis.present
+
+
+@pytest.mark.integration
+def test_enemy_groups_split_all_enemies():
+    state = level_state(next(lv for lv in LEVELS if level_state(lv).entities_of(ENEMY)))
+    template = state.entities_of(ENEMY)[0]
+    for vx in (-0.15, -1e-6, -0.0, 0.0, 1e-6, 0.15):
+        edited = state.copy()
+        edited.entities = [e for e in edited.entities if e.type != ENEMY]
+        lone = copy.deepcopy(template)
+        lone.vx = vx
+        edited.entities.append(lone)
+        removed = {
+            name: HAZARD_GROUPS[name](edited.copy()) for name in ("enemy_left", "enemy_right")
+        }
+        assert sorted(removed.values()) == [0, 1], (vx, removed)  # in exactly one group
+        assert removed[enemy_group(lone)] == 1
+        assert enemy_group(lone) == ("enemy_right" if vx > 0 else "enemy_left")
 
 
 @pytest.mark.integration

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from loupe.errors import LoupeError
+
 
 def register(sub) -> None:
     p = sub.add_parser("evaluate", help="N CoinRun levels per checkpoint, failure rates by cause")
@@ -20,9 +22,34 @@ def register(sub) -> None:
                    help="keep a hazard group deadly but never drawn: saw, enemy_left or "
                    "enemy_right (repeatable; the invisible-hazard control)")  # fmt: skip
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local)")
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="name the checkpoint PATH (one of the --checkpoint paths) NAME in the table, chart "
+        "and results (repeatable; default: an edited checkpoint's edit, e.g. 'nmf:3 of 2b "
+        "projected out of RUN step N', else 'RUN step N')",
+    )
     p.add_argument("--out", required=True, help="output directory (resumable)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+
+def parse_labels(values: list[str]) -> dict[str, str]:
+    """``["NAME=PATH", ...]`` -> {PATH: NAME}."""
+    labels: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise LoupeError(
+                f"--label wants NAME=PATH, e.g. --label saw-blind=runs/edit/checkpoints/"
+                f"ckpt-000002000000.json; got {value!r}"
+            )
+        if path in labels:
+            raise LoupeError(f"--label names {path} twice ({labels[path]!r}, {name!r}); keep one")
+        labels[path] = name.strip()
+    return labels
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -41,8 +68,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         ray_address=args.ray_address,
         invisible=args.invisible,
+        labels=parse_labels(args.label),
     )
-    summary = evaluate(cfg, progress=not args.no_progress)
+    summary = evaluate(cfg, progress=not args.no_progress, echo=print)
     print(format_table(summary))
     print(f"results: {args.out}/results.json, chart: {args.out}/failure_causes.png")
     return 0

@@ -1,8 +1,15 @@
 """`loupe evaluate`: N procgen levels per checkpoint on Ray evaluator actors, resumable.
 
-Per checkpoint, results go to ``<out>/<label>.jsonl`` one line per level as chunks finish (flushed
+Per checkpoint, results go to ``<out>/<id>.jsonl`` one line per level as chunks finish (flushed
 and fsynced), so a killed evaluation resumes without replaying finished levels. ``<out>/eval.json``
-pins what is being evaluated; an output directory holding a different evaluation is refused.
+pins what is being evaluated (checkpoints, first level, seed, options); an output directory holding
+a different evaluation is refused with a line naming what differs. The same command with a larger
+``--levels`` extends a finished evaluation: only the new levels run.
+
+Each checkpoint is named by what it is: ``--label NAME=PATH``, else the edit recorded in an edited
+checkpoint ("nmf:3 of 2b projected out of coinrun step 2000000"), else its run and step. Per outcome
+category each checkpoint is tested against the first with Fisher's exact test (two-sided); the
+p-values go to the table, ``results.json`` and ``eval.json``.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +62,27 @@ class EvalConfig:
     ray_address: str | None = None
     #: hazard groups that stay deadly but are never drawn (saw, enemy_left, enemy_right)
     invisible: list[str] = dataclasses.field(default_factory=list)
+    #: display names: checkpoint path (as in ``checkpoints``) -> name; others are named by their
+    #: edit provenance, or run and step
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not self.checkpoints:
             raise LoupeError("give at least one --checkpoint")
+        given = {_same_file(c): c for c in self.checkpoints}
+        for path, name in self.labels.items():
+            if not name.strip():
+                raise LoupeError(f"--label for {path} has an empty name; use --label NAME=PATH")
+            if _same_file(path) not in given:
+                raise LoupeError(
+                    f"--label {name}={path}: {path} is not one of the --checkpoint paths; "
+                    "label a checkpoint that is evaluated"
+                )
+        names = list(self.labels.values())
+        if len(set(names)) != len(names):
+            raise LoupeError(
+                f"two checkpoints have the same --label name ({names}); use distinct names"
+            )
         if self.levels <= 0:
             raise LoupeError(f"--levels must be positive, got {self.levels}")
         if self.start_level < 0:
@@ -72,16 +97,28 @@ class EvalConfig:
             raise LoupeError(f"unknown --distribution-mode {self.distribution_mode!r}")
 
 
+def _same_file(path: str) -> str:
+    """A checkpoint path (.json, .safetensors ...) -> the absolute path of its JSON file."""
+    from learner.checkpoint import resolve
+
+    return str(resolve(Path(path)).resolve())
+
+
 @dataclasses.dataclass
 class Target:
     """A checkpoint to evaluate, loaded and verified."""
 
     path: str
+    #: id: ``<file stem>-<sha256[:8]>``, the records file name and the key in results.json
     label: str
     sha256: str
     spec: dict[str, Any]
     weights: dict[str, Any]
     evaluator: EvaluatorConfig
+    #: run_id, step and edit provenance from the checkpoint's metadata
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: what the checkpoint is, for tables and charts (``name_targets``)
+    name: str = ""
 
 
 def load_target(path: str, cfg: EvalConfig) -> Target:
@@ -122,6 +159,11 @@ def load_target(path: str, cfg: EvalConfig) -> Target:
         sha256=meta["sha256"],
         spec=dict(policy.spec),
         weights=weights,
+        meta={
+            "run_id": meta.get("run_id") or Path(path).resolve().parent.parent.name,
+            "step": int(meta["step"]),
+            "edit": meta.get("edit"),
+        },
         evaluator=EvaluatorConfig(
             game=game,
             env_options=options,
@@ -134,8 +176,61 @@ def load_target(path: str, cfg: EvalConfig) -> Target:
     )
 
 
+# -- names ---------------------------------------------------------------------------------------
+def _source_name(source: str) -> str:
+    """An edit's direction source for a name: paths shortened to their file names."""
+    return " ".join(Path(w).name if "/" in w else w for w in str(source).split())
+
+
+def edit_name(edit: dict[str, Any], run_id: str, known: dict[str, str]) -> str:
+    """The name of an edited checkpoint: "<source> of <layer> projected out of <parent>".
+
+    ``known`` maps sha256 -> the name of an evaluated checkpoint; a parent not in it is named by
+    its own edit (``parent_edit``) or by run and step.
+    """
+    parent = known.get(edit.get("parent_sha256", ""))
+    if parent is None:
+        if edit.get("parent_edit"):
+            parent = edit_name(edit["parent_edit"], run_id, known)
+        else:
+            parent = f"{run_id} step {edit.get('parent_step', '?')}"
+    source = _source_name(edit.get("direction_source", "a direction"))
+    return f"{source} of {edit['layer']} projected out of {parent}"
+
+
+def name_targets(targets: list[Target], labels: dict[str, str]) -> None:
+    """Set each target's ``name``: its --label, else its edit provenance, else run and step.
+
+    An edit's parent is called by its name in this evaluation when it is evaluated too. Names that
+    would coincide get the checkpoint's sha256 prefix.
+    """
+    by_file = {_same_file(path): name for path, name in labels.items()}
+    known: dict[str, str] = {}
+    for t in targets:
+        user = by_file.get(_same_file(t.path))
+        if user is not None:
+            t.name = user
+        elif not t.meta.get("edit"):
+            t.name = f"{t.meta['run_id']} step {t.meta['step']}"
+        if t.name:
+            known.setdefault(t.sha256, t.name)
+    pending = [t for t in targets if not t.name]
+    while pending:  # parents before their edits, so that an edit names an evaluated parent
+        waiting = {t.sha256 for t in pending}
+        ready = [t for t in pending if t.meta["edit"].get("parent_sha256") not in waiting]
+        for t in ready or pending:
+            t.name = edit_name(t.meta["edit"], t.meta["run_id"], known)
+            known.setdefault(t.sha256, t.name)
+        pending = [t for t in pending if not t.name]
+    counts = Counter(t.name for t in targets)
+    for t in targets:
+        if counts[t.name] > 1:
+            t.name = f"{t.name} [{t.sha256[:8]}]"
+
+
 # -- the output directory --------------------------------------------------------------------------
 def identity(cfg: EvalConfig, targets: list[Target]) -> dict[str, Any]:
+    """What eval.json pins (``labels`` and ``tests`` are added when the evaluation finishes)."""
     return {
         "schema": 1,
         "checkpoints": [{"label": t.label, "sha256": t.sha256} for t in targets],
@@ -148,21 +243,73 @@ def identity(cfg: EvalConfig, targets: list[Target]) -> dict[str, Any]:
     }
 
 
-def prepare_out(cfg: EvalConfig, targets: list[Target]) -> Path:
+def identity_difference(have: dict[str, Any], want: dict[str, Any]) -> str | None:
+    """What makes evaluation ``want`` other than the one recorded as ``have`` -> None when it is
+    the same one or extends it to more levels; checkpoint order does not matter."""
+    if have.get("schema") != want["schema"]:
+        return f"its eval.json has schema {have.get('schema')!r}, not {want['schema']}"
+    diffs = []
+    old = {c["sha256"]: c["label"] for c in have.get("checkpoints", [])}
+    new = {c["sha256"]: c["label"] for c in want["checkpoints"]}
+    if set(old) != set(new):
+        diffs.append(
+            f"its checkpoints are {', '.join(old.values())}, not {', '.join(new.values())}"
+        )
+    if have.get("start_level") != want["start_level"]:
+        diffs.append(
+            f"its first level is {have.get('start_level')}, not --start-level {want['start_level']}"
+        )
+    if have.get("levels", 0) > want["levels"]:
+        diffs.append(
+            f"it has {have['levels']} levels per checkpoint, more than --levels {want['levels']} "
+            "(a larger --levels extends it)"
+        )
+    if have.get("seed") != want["seed"]:
+        diffs.append(f"its seed is {have.get('seed')}, not --seed {want['seed']}")
+    if have.get("causes") != want["causes"]:
+        diffs.append(
+            "it has failure causes (drop --no-causes)"
+            if have.get("causes")
+            else "it has no failure causes (add --no-causes)"
+        )
+    old_opts = dict(zip(old, have.get("env_options", [])))
+    new_opts = dict(zip(new, want["env_options"]))
+    changed = [k for k in new if k in old_opts and old_opts[k] != new_opts[k]]
+    if changed:
+        k = changed[0]
+        diffs.append(f"it played {new[k]} with {old_opts[k]}, not {new_opts[k]}")
+    if have.get("invisible", []) != want.get("invisible", []):
+        shown = ", ".join(have.get("invisible", [])) or "none"
+        diffs.append(f"its invisible hazards are {shown}, not --invisible as given")
+    return "; ".join(diffs) or None
+
+
+def prepare_out(
+    cfg: EvalConfig, targets: list[Target], echo: Callable[[str], None] | None = None
+) -> Path:
+    """Create or check ``cfg.out``; an evaluation recorded there may be resumed or extended."""
     out = Path(cfg.out)
     want = identity(cfg, targets)
     marker = out / "eval.json"
+    record = dict(want)
     if marker.is_file():
         have = load_json(marker)
-        if have != want:
+        diff = identity_difference(have, want)
+        if diff:
             raise LoupeError(
-                f"{out} holds a different evaluation (see {marker}); choose another --out "
-                "or repeat the same checkpoints and options to resume it"
+                f"{out} holds another evaluation: {diff}. Repeat its checkpoints and options to "
+                "resume or extend it, or choose another --out"
             )
+        if have["levels"] < want["levels"] and echo is not None:
+            echo(
+                f"extending {out} from {have['levels']} to {want['levels']} levels per checkpoint: "
+                f"levels {cfg.start_level + have['levels']}..{cfg.start_level + want['levels'] - 1} run"
+            )
+        record = {**have, **want}  # keeps labels and tests until they are written anew
     elif out.exists() and any(out.iterdir()):
         raise LoupeError(f"{out} is not empty and holds no evaluation; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    save_json(marker, want)
+    save_json(marker, record)
     return out
 
 
@@ -271,14 +418,21 @@ def _run_on_ray(target: Target, todo: list[int], cfg: EvalConfig, writer, bar) -
             ray.kill(worker, no_restart=True)
 
 
-def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
+def evaluate(
+    cfg: EvalConfig, progress: bool = True, echo: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Evaluate every checkpoint on the levels of ``cfg`` -> the summary (also ``results.json``).
+
+    ``echo`` receives a line when an evaluation is extended to more levels.
+    """
     from tqdm import tqdm
 
     targets = [load_target(p, cfg) for p in cfg.checkpoints]
     labels = [t.label for t in targets]
     if len(set(labels)) != len(labels):
         raise LoupeError("the same checkpoint is given twice")
-    out = prepare_out(cfg, targets)
+    name_targets(targets, cfg.labels)
+    out = prepare_out(cfg, targets, echo)
     all_levels = list(range(cfg.start_level, cfg.start_level + cfg.levels))
     summary: dict[str, Any] = {"config": dataclasses.asdict(cfg), "checkpoints": {}}
     for target in targets:
@@ -307,8 +461,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
             raise LoupeError(
                 f"{len(missing)} levels of {target.label} have no result; rerun to resume"
             )
-        stats = summarise(results.values())
+        stats = summarise(results[level] for level in all_levels)
         stats.update(
+            label=target.name,
+            edit=_edit_record(target.meta.get("edit")),
             path=target.path,
             sha256=target.sha256,
             records=str(records),
@@ -317,9 +473,26 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
             levels_per_s=len(todo) / elapsed if todo and elapsed > 0 else None,
         )
         summary["checkpoints"][target.label] = stats
+    tests = compare_to_first(summary)
+    summary["reference"] = targets[0].label
     save_json(out / "results.json", summary)
+    marker = load_json(out / "eval.json")
+    marker["labels"] = {t.label: t.name for t in targets}
+    marker["tests"] = tests
+    save_json(out / "eval.json", marker)
     plot_causes(summary, out / "failure_causes.png")
     return summary
+
+
+def _edit_record(edit: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An edit's provenance without its direction vector (that stays in the checkpoint)."""
+    if not edit:
+        return None
+    record = {k: edit[k] for k in ("layer", "direction_source", "parent_sha256", "parent_step")
+              if k in edit}  # fmt: skip
+    if edit.get("parent_edit"):
+        record["parent_edit"] = _edit_record(edit["parent_edit"])
+    return record
 
 
 # -- statistics and the chart ---------------------------------------------------------------------------
@@ -332,6 +505,51 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def fisher_p(k1: int, n1: int, k2: int, n2: int) -> float:
+    """Two-sided Fisher's exact test of k1/n1 against k2/n2 -> p-value (scipy)."""
+    from scipy.stats import fisher_exact
+
+    if n1 <= 0 or n2 <= 0:
+        raise ValueError("both samples need levels")
+    return float(fisher_exact([[k1, n1 - k1], [k2, n2 - k2]], alternative="two-sided").pvalue)
+
+
+#: how ``compare_to_first`` tests, as written into results.json and eval.json
+TEST_METHOD = (
+    "Fisher's exact test, two-sided, of each category's share against the first checkpoint"
+)
+
+
+def compare_to_first(summary: dict[str, Any]) -> dict[str, Any]:
+    """Test every checkpoint against the first, per outcome category.
+
+    Adds ``vs_first: {"p": ..., "diff_pp": ...}`` to each category of every checkpoint but the
+    first (a category absent from one side counts 0 there) -> the tests for eval.json.
+    """
+    labels = list(summary["checkpoints"])
+    first = summary["checkpoints"][labels[0]]
+    p_values: dict[str, dict[str, float]] = {}
+    for label in labels[1:]:
+        stats = summary["checkpoints"][label]
+        p_values[label] = {}
+        for cat in (*CATEGORIES, "failure"):
+            mine, ref = stats["by_category"].get(cat), first["by_category"].get(cat)
+            if mine is None and ref is None:
+                continue
+            k, k0 = (mine or {}).get("count", 0), (ref or {}).get("count", 0)
+            p = fisher_p(k, stats["levels"], k0, first["levels"])
+            diff = 100 * (k / stats["levels"] - k0 / first["levels"])
+            if mine is None:
+                mine = stats["by_category"][cat] = {
+                    "count": 0,
+                    "percent": 0.0,
+                    "ci95": [0.0, 100 * wilson(0, stats["levels"])[1]],
+                }
+            mine["vs_first"] = {"p": p, "diff_pp": diff}
+            p_values[label][cat] = p
+    return {"method": TEST_METHOD, "reference": labels[0], "p": p_values}
 
 
 def category(r: LevelResult) -> str:
@@ -359,27 +577,45 @@ def summarise(results) -> dict[str, Any]:
     }
 
 
+def _letter(i: int) -> str:
+    return chr(ord("A") + i) if i < 26 else f"#{i + 1}"
+
+
 def format_table(summary: dict[str, Any]) -> str:
+    """Categories down, checkpoints across (as letters, named above the table), p-values vs A."""
     labels = list(summary["checkpoints"])
-    cats = [
-        c
-        for c in (*CATEGORIES, "failure")
-        if any(c in summary["checkpoints"][l]["by_category"] for l in labels)
+    rows = summary["checkpoints"]
+    cats = [c for c in (*CATEGORIES, "failure") if any(c in rows[l]["by_category"] for l in labels)]
+    cfg = summary["config"]
+    first, last = cfg["start_level"], cfg["start_level"] + cfg["levels"] - 1
+    lines = [
+        f"levels {first}..{last} ({cfg['levels']} per checkpoint): % of levels [95% Wilson interval]"
     ]
-    width = max(12, *(len(l) for l in labels))
-    lines = [f"{'% of levels':<{width}} " + " ".join(f"{c:>20}" for c in cats)]
-    for label in labels:
-        row = summary["checkpoints"][label]["by_category"]
-        cells = []
+    if len(labels) > 1:
+        lines[0] += "; p: Fisher's exact test against A (two-sided)"
+    for i, label in enumerate(labels):
+        lines.append(f"  {_letter(i)}  {rows[label].get('label') or label}  ({label})")
+    cells = {}
+    for i, label in enumerate(labels):
         for c in cats:
-            cell = row.get(c)
-            cells.append(
-                f"{cell['percent']:6.2f} [{cell['ci95'][0]:5.2f},{cell['ci95'][1]:5.2f}]"
-                if cell
-                else f"{'-':>20}"
-            )
-        lines.append(f"{label:<{width}} " + " ".join(f"{c:>20}" for c in cells))
-    return "\n".join(lines)
+            cell = rows[label]["by_category"].get(c)
+            text = "-"
+            if cell:
+                text = f"{cell['percent']:6.2f} [{cell['ci95'][0]:5.2f},{cell['ci95'][1]:6.2f}]"
+                if "vs_first" in cell:
+                    text += f" p={cell['vs_first']['p']:.2g}"
+            cells[i, c] = text
+    widths = [max(len(_letter(i)), *(len(cells[i, c]) for c in cats)) for i in range(len(labels))]
+    head = max(len("category"), *(len(c) for c in cats))
+    lines.append("")
+    lines.append(
+        f"{'category':<{head}}  " + "  ".join(f"{_letter(i):<{w}}" for i, w in enumerate(widths))
+    )
+    for c in cats:
+        lines.append(
+            f"{c:<{head}}  " + "  ".join(f"{cells[i, c]:<{w}}" for i, w in enumerate(widths))
+        )
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def plot_causes(summary: dict[str, Any], path: Path) -> None:
@@ -409,7 +645,7 @@ def plot_causes(summary: dict[str, Any], path: Path) -> None:
             width,
             yerr=[pct - lo, hi - pct],
             capsize=3,
-            label=label,
+            label=f"{_letter(i)}: {summary['checkpoints'][label].get('label') or label}",
         )
     ax.set_xticks(x, [c.replace("_", " ") for c in cats])
     ax.set_ylabel("% of levels (95% CI)")
