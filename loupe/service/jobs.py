@@ -1,0 +1,304 @@
+"""Evaluations for the service: queued, run one at a time by `loupe evaluate`'s own code on the Ray
+evaluators, persisted so that a restarted server knows them and a resubmitted id resumes.
+
+    <state_dir>/evaluations/<request_id>/job.json   the request and its last state
+    <state_dir>/evaluations/<request_id>/out/       eval.json, <label>.jsonl, results.json, chart
+
+Plain Python with one worker thread; the gRPC layer reads ``Job.snapshot()`` and waits on
+``Job.version``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import re
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from loupe.config import load_json, save_json
+from loupe.errors import LoupeError
+from loupe.service.catalog import Catalog, NotFound
+
+log = logging.getLogger("loupe.service.jobs")
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+class Conflict(LoupeError):
+    """A request id already used by a different evaluation."""
+
+
+class Cancelled(Exception):
+    """Raised inside a running evaluation to stop it."""
+
+
+@dataclasses.dataclass
+class EvalDefaults:
+    """How the server runs evaluations (clients choose what, the server how)."""
+
+    #: Ray evaluator actors per evaluation (0: in the server process)
+    workers: int = 1
+    #: levels played at once per evaluator
+    slots: int = 16
+    #: levels per Ray task (the granularity of progress and of Cancel)
+    chunk: int = 16
+    #: Ray address (None: a local Ray)
+    ray_address: str | None = None
+    #: most levels per checkpoint one evaluation may ask for
+    max_levels: int = 100_000
+
+
+def check_request_id(request_id: str) -> str:
+    if not REQUEST_ID.fullmatch(request_id or ""):
+        raise LoupeError(
+            f"request id {request_id!r} is malformed; use 1-64 characters of A-Z a-z 0-9 _ - "
+            "(e.g. a UUID)"
+        )
+    return request_id
+
+
+class Job:
+    def __init__(self, request_id: str, request: dict[str, Any], directory: Path):
+        self.request_id = request_id
+        self.request = request
+        self.dir = directory
+        self.state = "queued"
+        self.error = ""
+        self.progress: dict[str, dict[str, Any]] = {}  # label -> {"levels_done", "counts"}
+        self.results: dict[str, Any] | None = None
+        self.cancel_requested = False
+        self.version = 0
+        self.lock = threading.Lock()
+        self._last_scan = 0.0
+
+    @property
+    def out(self) -> Path:
+        return self.dir / "out"
+
+    @property
+    def levels_total(self) -> int:
+        return int(self.request["levels"]) * len(self.request["checkpoints"])
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "request_id": self.request_id,
+                "state": self.state,
+                "error": self.error,
+                "levels_total": self.levels_total,
+                "levels_done": sum(p["levels_done"] for p in self.progress.values()),
+                "checkpoints": {k: dict(v) for k, v in self.progress.items()},
+                "results": self.results,
+                "out_dir": str(self.out),
+                "version": self.version,
+            }
+
+    def set(self, **values: Any) -> None:
+        with self.lock:
+            for key, value in values.items():
+                setattr(self, key, value)
+            self.version += 1
+        self.save()
+
+    def save(self) -> None:
+        with self.lock:
+            record = {
+                "request_id": self.request_id,
+                "request": self.request,
+                "state": self.state,
+                "error": self.error,
+            }
+        save_json(self.dir / "job.json", record)
+
+    def scan(self, label: str, force: bool = False) -> None:
+        """Levels done and counts by cause of ``label``, from its records file."""
+        from loupe.distributed.evaluate import category, read_records
+
+        now = time.monotonic()
+        if not force and now - self._last_scan < 0.5 and label in self.progress:
+            return
+        self._last_scan = now
+        records = read_records(self.out / f"{label}.jsonl")
+        counts = Counter(category(r) for r in records.values())
+        with self.lock:
+            self.progress[label] = {"levels_done": len(records), "counts": dict(counts)}
+            self.version += 1
+
+
+class EvaluationJobs:
+    """Evaluations by request id; one worker thread runs them in submission order."""
+
+    def __init__(self, catalog: Catalog, state_dir: str | Path, defaults: EvalDefaults):
+        self.catalog = catalog
+        self.root = Path(state_dir) / "evaluations"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.defaults = defaults
+        self.jobs: dict[str, Job] = {}
+        self.lock = threading.Lock()
+        self.queue: queue.Queue[Job | None] = queue.Queue()
+        self._load()
+        self.thread = threading.Thread(target=self._work, name="loupe-evaluations", daemon=True)
+        self.thread.start()
+
+    def _load(self) -> None:
+        """Jobs of earlier server processes; unfinished ones wait for their id to be resubmitted."""
+        for path in sorted(self.root.glob("*/job.json")):
+            try:
+                record = load_json(path)
+                job = Job(record["request_id"], record["request"], path.parent)
+            except (LoupeError, KeyError, TypeError):
+                log.warning("%s: unreadable evaluation record, skipped", path)
+                continue
+            job.state = record.get("state", "failed")
+            job.error = record.get("error", "")
+            if job.state not in FINAL:
+                job.state = "failed"
+                job.error = (
+                    "interrupted by a server restart; submit the same request id again to resume"
+                )
+            if job.state == "succeeded" and (job.out / "results.json").is_file():
+                job.results = load_json(job.out / "results.json")
+            self._scan_all(job)
+            self.jobs[job.request_id] = job
+
+    def _scan_all(self, job: Job) -> None:
+        for path in sorted(job.out.glob("*.jsonl")):
+            job.scan(path.stem, force=True)
+
+    # -- the calls --------------------------------------------------------------------------------
+    def submit(
+        self,
+        request_id: str,
+        checkpoints: list[tuple[str, str]],
+        levels: int,
+        start_level: int = 0,
+        causes: bool = True,
+        seed: int = 0,
+        distribution_mode: str | None = None,
+    ) -> dict[str, Any]:
+        """Queue an evaluation (or return the one with this id) -> its snapshot at submission."""
+        check_request_id(request_id)
+        if not checkpoints:
+            raise LoupeError("give at least one checkpoint to evaluate")
+        if levels > self.defaults.max_levels:
+            raise LoupeError(
+                f"levels {levels} is over this server's limit of {self.defaults.max_levels}; "
+                "split the evaluation"
+            )
+        paths = [str(self.catalog.checkpoint_path(run, name)) for run, name in checkpoints]
+        request = {
+            "checkpoints": [[run, name] for run, name in checkpoints],
+            "paths": paths,
+            "levels": int(levels),
+            "start_level": int(start_level),
+            "causes": bool(causes),
+            "seed": int(seed),
+            "distribution_mode": distribution_mode or None,
+        }
+        self._config(request, Path("."))  # validates levels, start level, mode
+        with self.lock:
+            job = self.jobs.get(request_id)
+            if job is not None:
+                if job.request != request:
+                    raise Conflict(
+                        f"request id {request_id} belongs to a different evaluation; choose a new "
+                        "id, or repeat that evaluation's checkpoints and options"
+                    )
+                if job.state in ("failed", "cancelled"):  # resume from its records
+                    job.set(state="queued", error="", cancel_requested=False)
+                    snap = job.snapshot()
+                    self.queue.put(job)
+                    return snap
+                return job.snapshot()
+            job = Job(request_id, request, self.root / request_id)
+            job.dir.mkdir(parents=True, exist_ok=True)
+            job.save()
+            self.jobs[request_id] = job
+            snap = job.snapshot()
+            self.queue.put(job)
+        return snap
+
+    def get(self, request_id: str) -> Job:
+        check_request_id(request_id)
+        try:
+            return self.jobs[request_id]
+        except KeyError:
+            raise NotFound(f"no evaluation with request id {request_id}; Submit it first") from None
+
+    def cancel(self, request_id: str) -> Job:
+        job = self.get(request_id)
+        with job.lock:
+            final = job.state in FINAL
+            queued = job.state == "queued"
+            job.cancel_requested = not final
+        if queued:
+            job.set(state="cancelled", error="cancelled before it started")
+        return job
+
+    def close(self) -> None:
+        for job in list(self.jobs.values()):
+            if job.state in ("queued", "running"):
+                job.cancel_requested = True
+        self.queue.put(None)
+        self.thread.join(timeout=30)
+
+    # -- the worker ---------------------------------------------------------------------------------
+    def _config(self, request: dict[str, Any], out: Path):
+        from loupe.distributed.evaluate import EvalConfig
+
+        d = self.defaults
+        return EvalConfig(
+            checkpoints=list(request["paths"]),
+            out=str(out),
+            levels=request["levels"],
+            start_level=request["start_level"],
+            distribution_mode=request["distribution_mode"],
+            workers=d.workers,
+            slots=d.slots,
+            chunk=d.chunk,
+            causes=request["causes"],
+            seed=request["seed"],
+            ray_address=d.ray_address,
+        )
+
+    def _work(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            if job.state != "queued" or job.cancel_requested:
+                continue
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        from loupe.distributed.evaluate import evaluate
+
+        def on_progress(label: str, levels: int) -> None:
+            if job.cancel_requested:
+                raise Cancelled()
+            job.scan(label, force=levels == 0)
+
+        job.set(state="running")
+        try:
+            summary = evaluate(self._config(job.request, job.out), False, on_progress)
+        except Cancelled:
+            self._scan_all(job)
+            job.set(state="cancelled", error="cancelled", cancel_requested=False)
+            return
+        except LoupeError as exc:
+            self._scan_all(job)
+            job.set(state="failed", error=str(exc))
+            return
+        except Exception as exc:  # the server goes on; the client sees why
+            log.exception("evaluation %s failed", job.request_id)
+            self._scan_all(job)
+            job.set(state="failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        self._scan_all(job)
+        job.set(state="succeeded", results=summary)
