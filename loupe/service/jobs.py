@@ -28,6 +28,7 @@ log = logging.getLogger("loupe.service.jobs")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 FINAL = ("succeeded", "failed", "cancelled")
+INTERRUPTED = "interrupted by a server restart; submit the same request id again to resume"
 
 
 class Conflict(LoupeError):
@@ -142,6 +143,7 @@ class EvaluationJobs:
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
         self.queue: queue.Queue[Job | None] = queue.Queue()
+        self.closing = False
         self._load()
         self.thread = threading.Thread(target=self._work, name="loupe-evaluations", daemon=True)
         self.thread.start()
@@ -158,10 +160,7 @@ class EvaluationJobs:
             job.state = record.get("state", "failed")
             job.error = record.get("error", "")
             if job.state not in FINAL:
-                job.state = "failed"
-                job.error = (
-                    "interrupted by a server restart; submit the same request id again to resume"
-                )
+                job.state, job.error = "failed", INTERRUPTED
             if job.state == "succeeded" and (job.out / "results.json").is_file():
                 job.results = load_json(job.out / "results.json")
             self._scan_all(job)
@@ -242,6 +241,8 @@ class EvaluationJobs:
         return job
 
     def close(self) -> None:
+        """Stop the running evaluation (it stays resumable) and the worker."""
+        self.closing = True
         for job in list(self.jobs.values()):
             if job.state in ("queued", "running"):
                 job.cancel_requested = True
@@ -289,7 +290,10 @@ class EvaluationJobs:
             summary = evaluate(self._config(job.request, job.out), False, on_progress)
         except Cancelled:
             self._scan_all(job)
-            job.set(state="cancelled", error="cancelled", cancel_requested=False)
+            if self.closing:
+                job.set(state="failed", error=INTERRUPTED, cancel_requested=False)
+            else:
+                job.set(state="cancelled", error="cancelled", cancel_requested=False)
             return
         except LoupeError as exc:
             self._scan_all(job)

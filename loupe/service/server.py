@@ -12,6 +12,7 @@ TooLarge -> RESOURCE_EXHAUSTED, Conflict -> ALREADY_EXISTS, Unavailable -> UNAVA
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import hmac
@@ -305,6 +306,21 @@ def redis_client(url: str | None, run_id: str):
     )
 
 
+async def first_of(coro, event: asyncio.Event):
+    """``coro``'s result, or None as soon as ``event`` is set (``coro`` is then cancelled)."""
+    task = asyncio.ensure_future(coro)
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return task.result() if not task.cancelled() else None
+
+
 # -- Inspect -------------------------------------------------------------------------------------------
 def parse_targets(specs) -> Any:
     """Request target strings -> probes.attribution target specs."""
@@ -394,13 +410,17 @@ class InspectService(inspect_pb2_grpc.InspectServicer):
             )
         client = redis_client(run.redis_url, run.run_id)
         key = f"loupe:{run.run_id}:checkpoints"
+        gone = asyncio.Event()  # the client cancelled or the deadline passed
+        context.add_done_callback(lambda _: gone.set())
         self.active_watches += 1
         try:
             if after == "$":
                 last = await client.xrevrange(key, count=1)
                 after = last[0][0] if last else "0"
-            while True:
-                reply = await client.xread({key: after}, count=100, block=1000)
+            while not gone.is_set():
+                reply = await first_of(client.xread({key: after}, count=100, block=1000), gone)
+                if gone.is_set():
+                    return
                 for _, entries in reply or ():
                     for entry_id, fields in entries:
                         after = entry_id
@@ -576,15 +596,17 @@ class EvaluationsService(evaluations_pb2_grpc.EvaluationsServicer):
     @rpc
     async def Watch(self, request, context):
         job = self.jobs.get(request.request_id)
+        gone = asyncio.Event()
+        context.add_done_callback(lambda _: gone.set())
         seen = None
-        while True:
+        while not gone.is_set():
             snap = job.snapshot()
             if snap["version"] != seen:
                 seen = snap["version"]
                 yield evaluation_message(snap)
                 if snap["state"] in ("succeeded", "failed", "cancelled"):
                     return
-            await asyncio.sleep(0.1)
+            await first_of(asyncio.sleep(0.1), gone)
 
     @rpc
     async def Cancel(self, request, context):
