@@ -463,6 +463,17 @@ def per_level(path: Path) -> dict[int, tuple]:
     return {k: (r.outcome, r.cause, r.ret, r.length) for k, r in read_records(path).items()}
 
 
+def wait_for_levels(client, request_id: str, n: int) -> None:
+    deadline = time.monotonic() + 300
+    while True:
+        status = client.get_evaluation(request_id)
+        if status["levels_done"] >= n:
+            return
+        assert status["state"] in ("queued", "running"), status["error"]
+        assert time.monotonic() < deadline, f"{request_id}: {n} levels not done in 300 s"
+        time.sleep(0.2)
+
+
 def test_evaluation_runs_on_ray_like_loupe_evaluate(world, client, tmp_path):
     submitted = client.submit_evaluation([(RUN, "1")], levels=8, start_level=3, request_id="ev-1")
     assert submitted["state"] == "queued" and submitted["levels_total"] == 8
@@ -512,10 +523,8 @@ def test_cancel_stops_the_ray_work(world, client):
     import ray
 
     client.submit_evaluation([(RUN, "2")], levels=2000, request_id="ev-cancel")
+    wait_for_levels(client, "ev-cancel", 4)
     deadline = time.monotonic() + 300
-    while client.get_evaluation("ev-cancel")["levels_done"] < 4:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
     cancelled = client.cancel_evaluation("ev-cancel")
     assert cancelled["state"] in ("running", "cancelled")
     final = list(client.watch_evaluation("ev-cancel", timeout=120))[-1]
@@ -535,10 +544,7 @@ def test_restarted_server_is_reached_with_wait_for_ready_and_resumes(world):
     port = world["config"].port
     c = Client(f"127.0.0.1:{port}", token=TOKEN, timeout=60, wait_for_ready=True)
     c.submit_evaluation([(RUN, "1")], levels=40, request_id="ev-restart")
-    deadline = time.monotonic() + 300
-    while c.get_evaluation("ev-restart")["levels_done"] < 4:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_for_levels(c, "ev-restart", 4)
     world["server"].stop()  # the evaluation stops with the server, resumable
     out = world["root"] / "state" / "evaluations" / "ev-restart" / "out"
     done_before = len(read_records(next(out.glob("*.jsonl"))))
