@@ -263,23 +263,7 @@ def _run_on_ray(target: Target, todo: list[int], cfg: EvalConfig, writer, bar) -
             ray.kill(worker, no_restart=True)
 
 
-class _Reporting:
-    """A progress bar that also calls ``on_progress(label, levels)`` at the start and after every
-    chunk; ``on_progress`` may raise to stop the evaluation (its Ray actors are killed)."""
-
-    def __init__(self, bar, label: str, on_progress):
-        self.bar, self.label, self.on_progress = bar, label, on_progress
-        on_progress(label, 0)
-
-    def update(self, n: int) -> None:
-        self.bar.update(n)
-        self.on_progress(self.label, n)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def evaluate(cfg: EvalConfig, progress: bool = True, on_progress=None) -> dict[str, Any]:
+def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
     targets = [load_target(p, cfg) for p in cfg.checkpoints]
@@ -301,8 +285,6 @@ def evaluate(cfg: EvalConfig, progress: bool = True, on_progress=None) -> dict[s
             disable=not progress,
             dynamic_ncols=True,
         )
-        if on_progress is not None:
-            bar = _Reporting(bar, target.label, on_progress)
         writer = RecordWriter(records)
         t0 = time.perf_counter()
         try:

@@ -4,16 +4,21 @@ evaluators, persisted so that a restarted server knows them and a resubmitted id
     <state_dir>/evaluations/<request_id>/job.json   the request and its last state
     <state_dir>/evaluations/<request_id>/out/       eval.json, <label>.jsonl, results.json, chart
 
-Plain Python with one worker thread; the gRPC layer reads ``Job.snapshot()`` and waits on
-``Job.version``.
+Each evaluation is `loupe evaluate` itself, run as a child process (the same records, resumable);
+one worker thread runs them in submission order and reads progress from the records files. The gRPC
+layer reads ``Job.snapshot()`` and waits on ``Job.version``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -33,10 +38,6 @@ INTERRUPTED = "interrupted by a server restart; submit the same request id again
 
 class Conflict(LoupeError):
     """A request id already used by a different evaluation."""
-
-
-class Cancelled(Exception):
-    """Raised inside a running evaluation to stop it."""
 
 
 @dataclasses.dataclass
@@ -74,9 +75,10 @@ class Job:
         self.progress: dict[str, dict[str, Any]] = {}  # label -> {"levels_done", "counts"}
         self.results: dict[str, Any] | None = None
         self.cancel_requested = False
+        #: process id of the running `loupe evaluate`
+        self.pid: int | None = None
         self.version = 0
         self.lock = threading.Lock()
-        self._last_scan = 0.0
 
     @property
     def out(self) -> Path:
@@ -117,19 +119,19 @@ class Job:
             }
         save_json(self.dir / "job.json", record)
 
-    def scan(self, label: str, force: bool = False) -> None:
+    def scan(self, label: str) -> None:
         """Levels done and counts by cause of ``label``, from its records file."""
         from loupe.distributed.evaluate import category, read_records
 
-        now = time.monotonic()
-        if not force and now - self._last_scan < 0.5 and label in self.progress:
-            return
-        self._last_scan = now
         records = read_records(self.out / f"{label}.jsonl")
-        counts = Counter(category(r) for r in records.values())
+        progress = {
+            "levels_done": len(records),
+            "counts": dict(Counter(category(r) for r in records.values())),
+        }
         with self.lock:
-            self.progress[label] = {"levels_done": len(records), "counts": dict(counts)}
-            self.version += 1
+            if self.progress.get(label) != progress:
+                self.progress[label] = progress
+                self.version += 1
 
 
 class EvaluationJobs:
@@ -168,7 +170,7 @@ class EvaluationJobs:
 
     def _scan_all(self, job: Job) -> None:
         for path in sorted(job.out.glob("*.jsonl")):
-            job.scan(path.stem, force=True)
+            job.scan(path.stem)
 
     # -- the calls --------------------------------------------------------------------------------
     def submit(
@@ -277,32 +279,71 @@ class EvaluationJobs:
                 continue
             self._run(job)
 
+    def command(self, request: dict[str, Any], out: Path) -> list[str]:
+        """The `loupe evaluate` command line of an evaluation."""
+        d = self.defaults
+        cmd = [sys.executable, "-m", "loupe.cli", "evaluate"]
+        for path in request["paths"]:
+            cmd += ["--checkpoint", path]
+        cmd += ["--levels", str(request["levels"]), "--start-level", str(request["start_level"]),
+                "--workers", str(d.workers), "--slots", str(d.slots), "--chunk", str(d.chunk),
+                "--seed", str(request["seed"]), "--out", str(out), "--no-progress"]  # fmt: skip
+        if not request["causes"]:
+            cmd.append("--no-causes")
+        if request["distribution_mode"]:
+            cmd += ["--distribution-mode", request["distribution_mode"]]
+        if d.ray_address:
+            cmd += ["--ray-address", d.ray_address]
+        return cmd
+
     def _run(self, job: Job) -> None:
-        from loupe.distributed.evaluate import evaluate
-
-        def on_progress(label: str, levels: int) -> None:
-            if job.cancel_requested:
-                raise Cancelled()
-            job.scan(label, force=levels == 0)
-
+        """`loupe evaluate` in a child process: its Ray driver (and a Ray failure) stays out of
+        the server; Cancel interrupts it (its evaluators are killed, finished levels kept)."""
         job.set(state="running")
-        try:
-            summary = evaluate(self._config(job.request, job.out), False, on_progress)
-        except Cancelled:
-            self._scan_all(job)
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])  # where this loupe is imported from
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        log_path = job.dir / "evaluate.log"
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(
+                self.command(job.request, job.out),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+            job.pid = proc.pid
+            interrupted_at = None
+            while proc.poll() is None:
+                if job.cancel_requested and interrupted_at is None:
+                    proc.send_signal(
+                        signal.SIGINT
+                    )  # the evaluator actors are killed on the way out
+                    interrupted_at = time.monotonic()
+                if interrupted_at is not None and time.monotonic() - interrupted_at > 30:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                self._scan_all(job)
+                time.sleep(0.2)
+        self._scan_all(job)
+        if proc.returncode == 0 and not job.cancel_requested:
+            job.set(state="succeeded", results=load_json(job.out / "results.json"))
+        elif job.cancel_requested:
             if self.closing:
                 job.set(state="failed", error=INTERRUPTED, cancel_requested=False)
             else:
                 job.set(state="cancelled", error="cancelled", cancel_requested=False)
-            return
-        except LoupeError as exc:
-            self._scan_all(job)
-            job.set(state="failed", error=str(exc))
-            return
-        except Exception as exc:  # the server goes on; the client sees why
-            log.exception("evaluation %s failed", job.request_id)
-            self._scan_all(job)
-            job.set(state="failed", error=f"{type(exc).__name__}: {exc}")
-            return
-        self._scan_all(job)
-        job.set(state="succeeded", results=summary)
+        else:
+            job.set(state="failed", error=_failure(log_path, proc.returncode))
+
+
+def _failure(log_path: Path, returncode: int) -> str:
+    """The one-line error of a failed `loupe evaluate`, or where to look."""
+    lines = log_path.read_text(errors="replace").splitlines()
+    for line in reversed(lines):
+        if line.startswith("loupe: error: "):
+            return line[len("loupe: error: ") :]
+    return (
+        f"loupe evaluate exited with status {returncode}; see {log_path}; finished levels are "
+        "kept, submit the same request id again to resume"
+    )
