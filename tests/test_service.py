@@ -567,12 +567,12 @@ def test_cancel_stops_the_ray_work(world, client):
 def test_restarted_server_is_reached_with_wait_for_ready_and_resumes(world):
     port = world["config"].port
     c = Client(f"127.0.0.1:{port}", token=TOKEN, timeout=60, wait_for_ready=True)
-    c.submit_evaluation([(RUN, "1")], levels=40, request_id="ev-restart")
+    c.submit_evaluation([(RUN, "1")], levels=24, request_id="ev-restart")
     wait_for_levels(c, "ev-restart", 4)
     world["server"].stop()  # the evaluation stops with the server, resumable
     out = world["root"] / "state" / "evaluations" / "ev-restart" / "out"
     done_before = len(read_records(next(out.glob("*.jsonl"))))
-    assert done_before < 40
+    assert done_before < 24
 
     def restart():
         time.sleep(1.0)
@@ -583,14 +583,14 @@ def test_restarted_server_is_reached_with_wait_for_ready_and_resumes(world):
     status = c.get_evaluation("ev-restart")  # waits for the new server
     thread.join()
     assert status["state"] == "failed" and "submit the same request id" in status["error"]
-    assert c.submit_evaluation([(RUN, "1")], levels=40, request_id="ev-restart")["state"] in (
+    assert c.submit_evaluation([(RUN, "1")], levels=24, request_id="ev-restart")["state"] in (
         "queued",
         "running",
     )
     final = list(c.watch_evaluation("ev-restart", timeout=300))[-1]
     assert final["state"] == "succeeded", final["error"]
     (stats,) = final["results"]["checkpoints"].values()
-    assert stats["levels"] == 40 and stats["levels_this_run"] == 40 - done_before
+    assert stats["levels"] == 24 and stats["levels_this_run"] == 24 - done_before
     # an evaluation finished before the restart is still known
     assert c.get_evaluation("ev-1")["state"] == "succeeded"
     c.close()
