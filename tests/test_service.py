@@ -624,3 +624,66 @@ def test_loupe_serve_command(world, tmp_path):
         "loupe: error: refusing to serve on 0.0.0.0:0 without TLS and a token; pass --tls-cert, "
         "--tls-key and --token-file, or bind 127.0.0.1"
     ]
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "loupe-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_with_a_token(world, tmp_path):
+    cert, key = _self_signed(tmp_path)
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    config = ServeConfig(
+        runs=[str(world["run"])],
+        bind=f"127.0.0.1:{free_port()}",
+        token_file=str(token),
+        tls_cert=str(cert),
+        tls_key=str(key),
+        state_dir=str(tmp_path / "state"),
+    )
+    with ServerThread(config) as server:
+        target = f"127.0.0.1:{server.port}"
+        with Client(target, token=TOKEN, tls_ca=str(cert), timeout=30) as c:
+            assert [r["run_id"] for r in c.runs()] == [RUN]
+            assert c.act(RUN, "1", obs_batch(1))["actions"].shape == (1,)
+        with Client(target, tls_ca=str(cert), timeout=30) as c:
+            code, _ = code_and_message(c.runs)
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+        with Client(target, token=TOKEN, timeout=5) as plain:  # no TLS: refused
+            code, _ = code_and_message(plain.runs)
+            assert code == grpc.StatusCode.UNAVAILABLE
