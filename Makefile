@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loupe-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup check lint format test test-all bench bench-gpu bench-placement demo clean
+.PHONY: setup check lint format test test-all bench bench-gpu bench-placement demo protos clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,10 @@ bench-placement: setup
 
 demo: setup
 	$(VENV)/bin/loupe demo
+
+# regenerate the committed loupe.v1 gRPC stubs from loupe/service/proto/loupe/v1/*.proto
+protos: setup
+	$(PY) -m loupe.service.gen_protos
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

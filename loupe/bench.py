@@ -209,6 +209,15 @@ def run_benchmarks(config: BenchConfig, echo: Callable[[str], None] = print) -> 
     return results
 
 
+@benchmark("service")
+def bench_service(opts: dict[str, Any]) -> dict[str, Any]:
+    """`loupe serve`: Attribute p50/p99, Policy throughput (64 clients) batched vs unbatched,
+    WatchCheckpoints announcement-to-client latency (see loupe/service/bench.py)."""
+    from loupe.service.bench import service_figures
+
+    return service_figures(opts)
+
+
 @benchmark("pipeline")
 def bench_pipeline(opts: dict[str, Any]) -> dict[str, Any]:
     """Ray rollout actors with 1 and 2 actors (and 1 with central inference) vs raw env and inference."""

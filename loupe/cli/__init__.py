@@ -274,6 +274,7 @@ def _load_extra_commands() -> None:
         "loupe.cli.evaluate",
         "loupe.cli.compare",
         "loupe.cli.study",
+        "loupe.cli.serve",
     ):
         try:
             mod = importlib.import_module(module)
