@@ -173,7 +173,7 @@ def tile(images: list[np.ndarray], rows: int, cols: int, fill: float = 1.0) -> n
 # -- figures ---------------------------------------------------------------------------------------
 
 #: the most an overlay covers the frame: at full attribution 1 - OVERLAY_MAX_ALPHA of the frame shows
-OVERLAY_MAX_ALPHA = 0.75
+OVERLAY_MAX_ALPHA = 0.65
 #: figures are laid out in pixels at this resolution
 DPI = 100
 #: an observation is upscaled (nearest neighbour) until its longer side reaches this many pixels
