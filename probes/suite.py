@@ -296,8 +296,12 @@ def _attention(policy, obs: torch.Tensor, out: Path, views: dict[str, Any]) -> d
         overlay = upsample_map(maps.sum(1, keepdim=True), (h, w))
         how = "summed maps, bilinear"
     entropy = res.attention_entropy
-    # the entropy of uniform attention, where the policy's entropy is the map entropy
-    uniform = float(maps.shape[1] * np.log(maps.shape[-1] * maps.shape[-2]))
+    # the entropy of uniform attention: region maps (M maps over h w positions); Sun et al.'s rows
+    # attend over the H rows (swa, cwra), columns over the W columns (cwca), cwrca averages both
+    mh, mw = maps.shape[-2:]
+    uniform = {"region": maps.shape[1] * np.log(mh * mw), "sun-swa": np.log(mh),
+               "sun-cwra": np.log(mh), "sun-cwca": np.log(mw),
+               "sun-cwrca": (np.log(mh) + np.log(mw)) / 2}.get(policy.spec["name"])  # fmt: skip
     for i in range(min(4, len(obs))):
         rgb = obs_to_rgb(obs[i].numpy())
         title = f"attention, frame {i}" + (
@@ -310,7 +314,7 @@ def _attention(policy, obs: torch.Tensor, out: Path, views: dict[str, Any]) -> d
     views["attention"] = {
         "heat": overlay[0],
         "entropy": None if entropy is None else float(entropy[0]),
-        "max_entropy": uniform if res.attention_logits is not None else None,
+        "max_entropy": None if uniform is None else float(uniform),
     }
     return {
         "attention_entropy": float(res.attention_entropy.mean())

@@ -182,7 +182,9 @@ def test_suite_on_an_attention_policy_writes_readable_figures_and_overview(tmp_p
     assert summary["attention_entropy"] > 0 and summary["overview"] == "overview.png"
     panels = summary["overview_panels"]
     assert "good news: features raising V" in panels and "bad news: features lowering V" in panels
-    assert any(p.startswith("attention, entropy") for p in panels), panels
+    assert any(
+        p.startswith("attention, entropy") and p.endswith("(uniform 2.71)") for p in panels
+    ), panels  # log 15: rows over 15 rows
     with Image.open(out / "overview.png") as im:
         assert im.size == (1320, 1060)
     for pattern, min_w in (("attention/overlay-*.png", 640), ("saliency/*.png", 640),
