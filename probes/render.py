@@ -368,7 +368,7 @@ def overview_figure(views: dict[str, Any]):
     ``title``; ``frame`` (H, W, 3); ``nmf`` {positive: (colour, alpha), negative: (colour, alpha),
     hues (K, 3)}; ``attention`` {heat (H, W) in [0, 1], entropy, max_entropy}; ``saliency``
     {heat (H, W), label}; ``bookmarks`` [(image, caption, kind)]; ``values`` (T, N), ``dones``
-    (T, N), ``marks`` [(env, t, value, kind)].
+    (T, N), ``marks`` [(env, t, value, kind)], ``curve_envs`` (environments to plot first).
     """
     fig = new_figure(1320, 1060)
     fig.suptitle(views.get("title", "probe overview"), fontsize=13)
@@ -438,13 +438,15 @@ def overview_figure(views: dict[str, Any]):
     else:
         values = np.asarray(values)
         dones = np.asarray(views.get("dones", np.zeros_like(values, dtype=bool)))
-        shown = min(values.shape[1], 4)
-        for env in range(shown):
+        # the environments of the bookmarks shown above first, then the others, four in all
+        first = [e for e in views.get("curve_envs", []) if 0 <= e < values.shape[1]]
+        shown = list(dict.fromkeys(first + list(range(values.shape[1]))))[:4]
+        for env in shown:
             (line,) = ax.plot(values[:, env], lw=1.2, label=f"env {env}")
             for t in np.flatnonzero(dones[:, env]):
                 ax.axvline(t, color=line.get_color(), lw=0.6, ls=":")
         for kind, marker, colour in (("high", "^", "tab:green"), ("low", "v", "tab:red")):
-            pts = [(t, v) for env, t, v, k in views.get("marks", []) if k == kind and env < shown]
+            pts = [(t, v) for env, t, v, k in views.get("marks", []) if k == kind and env in shown]
             if pts:
                 ts, vs = zip(*pts)
                 ax.scatter(ts, vs, marker=marker, s=60, color=colour, zorder=3,

@@ -272,11 +272,13 @@ def _bookmark_figures(marks, rollout, meta, out: Path) -> dict[str, Any]:
         label = f"env {m.env}, t {m.t}: A {m.advantage:+.3f}, V {m.value:.3f}\naction {action}"
         shown.append((frame, label, m.kind))
     order = [b for b in shown if b[2] == "high"][:2] + [b for b in shown if b[2] == "low"][:2]
+    first = [m for m in chosen if m.kind == "high"][:2] + [m for m in chosen if m.kind == "low"][:2]
     return {
         "bookmarks": order,
         "values": rollout.values,
         "dones": rollout.dones,
         "marks": [(m.env, m.t, m.value, m.kind) for m in marks],
+        "curve_envs": [m.env for m in first],
     }
 
 

@@ -104,9 +104,10 @@ def overview_views(with_attention: bool) -> dict:
         },
         "saliency": {"heat": rng.random((64, 64)), "label": "0.5 (V(I) - V(I'))^2"},
         "bookmarks": [(frame(seed=i), f"t {i}", "high" if i < 2 else "low") for i in range(4)],
-        "values": rng.random((32, 4)),
-        "dones": rng.random((32, 4)) > 0.9,
-        "marks": [(0, 3, 0.5, "high"), (1, 7, 0.2, "low")],
+        "values": rng.random((32, 6)),
+        "dones": rng.random((32, 6)) > 0.9,
+        "marks": [(0, 3, 0.5, "high"), (5, 7, 0.2, "low")],
+        "curve_envs": [5],
     }
     if with_attention:
         views["attention"] = {"heat": rng.random((64, 64)), "entropy": 4.2, "max_entropy": 5.4}
@@ -124,6 +125,8 @@ def test_overview_has_every_panel():
     assert any(t.startswith("value estimate") for t in titles)
     texts = render.figure_texts(fig)
     assert "NMF features" in texts and "feature 3" in texts and "high-advantage bookmark" in texts
+    # the value curve plots the bookmarked environment first, four environments in all
+    assert "env 5" in texts and "env 2" in texts and "env 3" not in texts
     assert png_pixels(fig).shape[:2] == (1060, 1320)
     # without attention, the value saliency takes the attention's place
     titles = [ax.get_title() for ax in render.overview_figure(overview_views(False)).axes]
