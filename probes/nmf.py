@@ -339,17 +339,22 @@ def spatial_example_image(obs: np.ndarray, chosen: np.ndarray) -> np.ndarray:
 
 
 def overlay_colours(
-    features: np.ndarray, obs_hw: tuple[int, int], sign: int = 1, radius: int = 7
+    features: np.ndarray,
+    obs_hw: tuple[int, int],
+    sign: int = 1,
+    radius: int = 7,
+    scale: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Coloured feature overlay of (N, K, h, w) feature maps at observation size.
 
-    Takes the ``sign`` part max(sign t, 0), divides by the median over frames of each frame's max,
-    colours sum_k t_k hue(360 k / K), smooths at layer resolution with the exp(-d) disk kernel and
-    upsamples. Returns (colour (N, H, W, 3), opacity (N, H, W) = min(1, |rgb|), the divisor).
+    Takes the ``sign`` part max(sign t, 0), divides by ``scale`` (default: the median over frames
+    of each frame's max), colours sum_k t_k hue(360 k / K), smooths at layer resolution with the
+    exp(-d) disk kernel and upsamples. Returns (colour (N, H, W, 3): the hue at full brightness,
+    opacity (N, H, W) = min(1, |rgb|), the divisor).
     """
     part = np.maximum(sign * np.asarray(features, dtype=np.float64), 0.0)  # (N, K, h, w)
-    scale = float(np.median(part.reshape(part.shape[0], -1).max(axis=1)))
-    scale = scale if scale > 0 else 1.0
+    if scale is None:
+        scale = part_scale(features, sign)
     rgb = render.smooth(render.colourise(part / scale), radius)  # (N, 3, h, w)
     rgb = render.upsample(rgb, obs_hw).transpose(0, 2, 3, 1)  # (N, H, W, 3)
     colour, alpha = render.brightness_to_opacity(rgb)
@@ -364,11 +369,16 @@ def write_feature_visualisations(
     activations: Any = None,
     frames: list[int] | None = None,
     config: FeatureVisConfig | None = None,
+    features: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Write overlays and dataset examples of every feature as PNGs plus ``features.json``.
+    """Write overlays and dataset examples of every feature as PNG figures plus ``features.json``.
 
     ``attr`` (N, C, h, w) attributions give the overlays; ``activations`` (same shape, default
-    ``attr``) give the feature activations the dataset examples rank by; ``obs`` (N, C, H, W).
+    ``attr``) give the feature activations the dataset examples rank by; ``obs`` (N, C, H, W);
+    ``features`` is ``nmf.transform(attr)`` when the caller has it already. Overlays
+    (``overlay/positive-NNNNN.png``, ``overlay/negative-NNNNN.png``) show the frame, the frame with
+    the features composited on it and a legend in the feature colours; ``featureK-examples.png`` is
+    a captioned grid of upscaled patches, ``featureK-spatial.png`` the spatially aware grid.
     Returns the JSON index that was written.
     """
     config = config or FeatureVisConfig()
@@ -383,7 +393,8 @@ def write_feature_visualisations(
         )
     index: dict[str, Any] = {"nmf": nmf.to_dict(), "layer_hw": list(attr.shape[-2:])}
     index["hues"] = render.feature_hues(nmf.n_components).tolist()
-    features = nmf.transform(attr)  # (N, K, h, w); sklearn's transform is an iterative solve
+    if features is None:
+        features = nmf.transform(attr)  # (N, K, h, w); sklearn's transform is an iterative solve
     index["overlays"] = _write_overlays(out, features, obs, frames, config)
     feature_acts = features if activations is None else nmf.transform(acts)
     index["features"] = [
@@ -405,25 +416,48 @@ def _as_obs(obs: Any) -> np.ndarray:
 def _write_overlays(out: Path, features, obs, frames, config: FeatureVisConfig) -> dict[str, Any]:
     frames = list(range(min(len(obs), config.overlay_frames))) if frames is None else list(frames)
     written: dict[str, Any] = {"frames": frames}
-    for sign, name in ((1, "positive"), (-1, "negative")):
+    hues = render.feature_hues(features.shape[1])
+    for sign, name, news in ((1, "positive", "good news"), (-1, "negative", "bad news")):
         colour, alpha, scale = overlay_colours(
-            features, tuple(obs.shape[-2:]), sign, config.smooth_radius
-        )
+            features[frames] if frames else features[:1], tuple(obs.shape[-2:]), sign,
+            config.smooth_radius, scale=part_scale(features, sign),
+        )  # fmt: skip
         written[f"{name}_scale"] = scale
-        for i in frames:
-            image = render.composite(render.obs_to_rgb(obs[i]), colour[i], alpha[i])
-            render.save_png(out / "overlay" / f"{name}-{i:05d}.png", image)
+        for j, i in enumerate(frames):
+            title = f"NMF features of {name} value attribution ({news}), frame {i}"
+            fig = render.nmf_overlay_figure(render.obs_to_rgb(obs[i]), colour[j], alpha[j], hues,
+                                            title)  # fmt: skip
+            render.save_figure(out / "overlay" / f"{name}-{i:05d}.png", fig)
     return written
+
+
+def part_scale(features: np.ndarray, sign: int) -> float:
+    """The display divisor of the ``sign`` part: the median over frames of each frame's max."""
+    part = np.maximum(sign * np.asarray(features, dtype=np.float64), 0.0)
+    scale = float(np.median(part.reshape(part.shape[0], -1).max(axis=1)))
+    return scale if scale > 0 else 1.0
 
 
 def _write_feature(out: Path, k: int, act, obs, config: FeatureVisConfig) -> dict[str, Any]:
     """Dataset-example and spatially aware PNGs of feature ``k`` of (N, K, h, w) ``act``."""
     layer_hw = tuple(act.shape[-2:])
+    hue = render.feature_hues(act.shape[1])[k]
     examples = dataset_examples(act, k, config.grid**2, config.per_position)
-    image = dataset_example_image(obs, examples, layer_hw, config.expand, config.grid)
-    render.save_png(out / f"feature{k}-examples.png", image)
+    unit, size = _patch_geometry(tuple(obs.shape[-2:]), layer_hw, config.expand)
+    pad = max(size)
+    patches = [_patch(_padded(obs, e.obs_index, pad), pad, e.y, e.x, unit, size) for e in examples]
+    captions = [f"obs {e.obs_index} ({e.y},{e.x}) {e.activation:.2g}" for e in examples]
+    title = f"feature {k} of {act.shape[1]}: its {len(examples)} strongest dataset examples"
+    fig = render.examples_figure(patches or [render.checkerboard(*size)], captions, config.grid,
+                                 hue, title)  # fmt: skip
+    render.save_figure(out / f"feature{k}-examples.png", fig)
     chosen = spatial_examples(act, k, config.top_frac)
-    render.save_png(out / f"feature{k}-spatial.png", spatial_example_image(obs, chosen))
+    fig = render.image_figure(
+        spatial_example_image(obs, chosen),
+        f"feature {k}: spatially aware dataset examples",
+        f"each cell: the observation where feature {k} is strongest at that position",
+    )
+    render.save_figure(out / f"feature{k}-spatial.png", fig)
     return {
         "feature": k,
         "examples": [e._asdict() for e in examples],

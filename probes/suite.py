@@ -170,7 +170,7 @@ def _remove_stale_partials(out: Path) -> None:
 def _analyse(policy, meta, layer: str, config: ProbeConfig, out: Path) -> dict[str, Any]:
     from probes.attribution import IntegratedGradients
     from probes.gae_scan import gae_scan
-    from probes.render import obs_to_rgb, save_png
+    from probes.render import obs_to_rgb, overview_figure, save_figure
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -203,20 +203,26 @@ def _analyse(policy, meta, layer: str, config: ProbeConfig, out: Path) -> dict[s
         else None,
     }
 
+    # what the overview figure shows, filled in by the steps below
+    views: dict[str, Any] = {"frame": obs_to_rgb(obs[0].numpy())}
+    render_s = 0.0
+
     # attention
     if policy.has_attention:
-        summary.update(_attention(policy, obs, out / "attention"))
+        t0 = time.perf_counter()
+        summary.update(_attention(policy, obs, out / "attention", views))
+        render_s += time.perf_counter() - t0
 
     # NMF features of the value attributions (spatial layers only)
     if value_attr.dim() == 4:
         t0 = time.perf_counter()
-        summary["nmf"], nmf = _nmf(value_attr.numpy(), obs.numpy(), config, out)
+        summary["nmf"], nmf, features = _nmf(value_attr.numpy(), obs.numpy(), config, out, views)
         timings["nmf_s"] = time.perf_counter() - t0
         if coinrun and nmf is not None:
             t0 = time.perf_counter()
             n = config.num_envs
             states = [states_at[int(i) // n][int(i) % n] for i in idx]
-            labels = _labels(nmf, value_attr.numpy(), ig.activation.numpy(), states)
+            labels = _labels(nmf, features, ig.activation.numpy(), states)
             summary["nmf"].update(labels)
             timings["labels_s"] = time.perf_counter() - t0
 
@@ -225,21 +231,76 @@ def _analyse(policy, meta, layer: str, config: ProbeConfig, out: Path) -> dict[s
                         config.gamma, config.lam, config.bookmarks)  # fmt: skip
     summary["bookmarks"] = [dataclasses.asdict(m) for m in marks]
     summary["anomaly_count"] = len(marks)
-    (out / "bookmarks").mkdir()
-    for i, m in enumerate(marks[:4] + [m for m in marks if m.kind == "low"][:4]):
-        save_png(out / "bookmarks" / f"{m.kind}-{i:02d}-env{m.env}-t{m.t}.png",
-                 obs_to_rgb(rollout.obs[m.t, m.env]))  # fmt: skip
+    t0 = time.perf_counter()
+    views.update(_bookmark_figures(marks, rollout, meta, out / "bookmarks"))
+    render_s += time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    summary["saliency"] = _saliency(policy, obs[: config.saliency_frames], config, out / "saliency")
+    summary["saliency"] = _saliency(policy, obs[: config.saliency_frames], config, out / "saliency",
+                                    views)  # fmt: skip
     timings["saliency_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    views["title"] = (
+        f"{policy.spec['name']} on {meta.get('env')}, checkpoint step {meta.get('step')}, "
+        f"analysis layer {layer}"
+        + ("" if summary["mean_return"] is None else f", mean return {summary['mean_return']:.2f}")
+    )
+    fig = overview_figure(views)
+    save_figure(out / "overview.png", fig)
+    summary["overview_panels"] = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    timings["overview_s"] = time.perf_counter() - t0
+    timings["render_s"] = render_s + timings["overview_s"]
+    summary["overview"] = "overview.png"
     summary["timings"] = timings
     return summary
 
 
-def _attention(policy, obs: torch.Tensor, out: Path) -> dict[str, Any]:
+def action_name(meta: dict[str, Any], n_actions: int, action: int) -> str:
+    """A readable name of ``action`` in the checkpoint's environment: procgen's button combo
+    (e.g. "RIGHT+UP", "none"), otherwise the action index."""
+    if str(meta.get("env", "")).startswith("procgen:"):
+        from actors.procgen_env import ARTICLE_COMBOS, COMBOS
+
+        combos = {len(COMBOS): COMBOS, len(ARTICLE_COMBOS): ARTICLE_COMBOS}.get(n_actions)
+        if combos is not None and 0 <= action < len(combos):
+            return "+".join(combos[action]) or "none"
+    return str(action)
+
+
+def _bookmark_figures(marks, rollout, meta, out: Path) -> dict[str, Any]:
+    """Annotated PNGs of the first 4 high and 4 low bookmarks -> the overview's bookmark views."""
+    from probes.render import image_figure, obs_to_rgb, save_figure
+
+    out.mkdir()
+    n_actions = int(meta.get("policy", {}).get("n_actions", 0) or 0)
+    chosen = [m for m in marks if m.kind == "high"][:4] + [m for m in marks if m.kind == "low"][:4]
+    shown = []
+    for i, m in enumerate(chosen):
+        action = action_name(meta, n_actions, int(rollout.actions[m.t, m.env]))
+        frame = obs_to_rgb(rollout.obs[m.t, m.env])
+        step = meta.get("step")
+        title = f"{m.kind}-advantage bookmark\ncheckpoint step {step}, env {m.env}, t {m.t}"
+        caption = (f"advantage {m.advantage:+.3f}, value {m.value:.3f}\n"
+                   f"reward {m.reward:g}, action {action}")  # fmt: skip
+        save_figure(out / f"{m.kind}-{i:02d}-env{m.env}-t{m.t}.png",
+                    image_figure(frame, title, caption))  # fmt: skip
+        label = f"env {m.env}, t {m.t}: A {m.advantage:+.3f}, V {m.value:.3f}\naction {action}"
+        shown.append((frame, label, m.kind))
+    order = [b for b in shown if b[2] == "high"][:2] + [b for b in shown if b[2] == "low"][:2]
+    first = [m for m in chosen if m.kind == "high"][:2] + [m for m in chosen if m.kind == "low"][:2]
+    return {
+        "bookmarks": order,
+        "values": rollout.values,
+        "dones": rollout.dones,
+        "marks": [(m.env, m.t, m.value, m.kind) for m in marks],
+        "curve_envs": [m.env for m in first],
+    }
+
+
+def _attention(policy, obs: torch.Tensor, out: Path, views: dict[str, Any]) -> dict[str, Any]:
     from probes.attention_maps import attention_overlay, upsample_map
-    from probes.render import obs_to_rgb, save_png
+    from probes.render import heatmap_figure, obs_to_rgb, save_figure
 
     with torch.no_grad():
         res = policy(obs)
@@ -248,12 +309,31 @@ def _attention(policy, obs: torch.Tensor, out: Path) -> dict[str, Any]:
     maps = res.attention
     if res.attention_logits is not None and maps.shape[-1] * 12 == w:
         overlay = attention_overlay(maps)  # region maps: receptive-field overlay (METHODS A)
+        how = "receptive fields of the summed maps"
     else:
         overlay = upsample_map(maps.sum(1, keepdim=True), (h, w))
+        how = "summed maps, bilinear"
+    entropy = res.attention_entropy
+    # the entropy of uniform attention: region maps (M maps over h w positions); Sun et al.'s rows
+    # attend over the H rows (swa, cwra), columns over the W columns (cwca), cwrca averages both
+    mh, mw = maps.shape[-2:]
+    uniform = {"region": maps.shape[1] * np.log(mh * mw), "sun-swa": np.log(mh),
+               "sun-cwra": np.log(mh), "sun-cwca": np.log(mw),
+               "sun-cwrca": (np.log(mh) + np.log(mw)) / 2}.get(policy.spec["name"])  # fmt: skip
     for i in range(min(4, len(obs))):
         rgb = obs_to_rgb(obs[i].numpy())
-        heat = np.stack([overlay[i], np.zeros_like(overlay[i]), 1 - overlay[i]], -1)
-        save_png(out / f"overlay-{i:02d}.png", 0.5 * rgb + 0.5 * heat)
+        title = f"attention, frame {i}" + (
+            "" if entropy is None else f": entropy {float(entropy[i]):.2f} nats"
+        )
+        fig = heatmap_figure(
+            rgb, overlay[i], title, f"attention ({how}), normalised", vmin=0, vmax=1
+        )
+        save_figure(out / f"overlay-{i:02d}.png", fig)
+    views["attention"] = {
+        "heat": overlay[0],
+        "entropy": None if entropy is None else float(entropy[0]),
+        "max_entropy": None if uniform is None else float(uniform),
+    }
     return {
         "attention_entropy": float(res.attention_entropy.mean())
         if res.attention_entropy is not None
@@ -262,31 +342,51 @@ def _attention(policy, obs: torch.Tensor, out: Path) -> dict[str, Any]:
     }
 
 
-def _nmf(attr, obs, config: ProbeConfig, out: Path):
-    """NMF features of the value attributions -> (summary entry, the fitted NMF or None)."""
-    from probes.nmf import fit_attribution_nmf, write_feature_visualisations
+def _nmf(attr, obs, config: ProbeConfig, out: Path, views: dict[str, Any]):
+    """NMF features of the value attributions -> (summary entry, the fitted NMF, its (N, K, h, w)
+    feature maps), or (an error entry, None, None)."""
+    from probes.nmf import (
+        FeatureVisConfig,
+        fit_attribution_nmf,
+        overlay_colours,
+        part_scale,
+        write_feature_visualisations,
+    )
+    from probes.render import feature_hues
 
     k = min(config.nmf_components, attr.shape[1])
     if not np.any(attr):
-        return {"error": "value attributions are all zero"}, None
+        return {"error": "value attributions are all zero"}, None, None
     nmf = fit_attribution_nmf(attr, n_components=k, seed=config.seed)
-    write_feature_visualisations(out / "nmf", nmf, attr, obs,
-                                 frames=list(range(min(4, len(obs)))))  # fmt: skip
-    return {
-        "components": k,
-        "directions": nmf.directions.tolist(),
-        "mean_abs_residual": float(np.abs(nmf.residual(attr)).mean()),
-        "dir": "nmf",
-    }, nmf
+    features = nmf.transform(attr)  # (N, K, h, w), once: an iterative solve
+    vis = FeatureVisConfig()
+    write_feature_visualisations(out / "nmf", nmf, attr, obs, frames=list(range(min(4, len(obs)))),
+                                 config=vis, features=features)  # fmt: skip
+    views["nmf"] = {"hues": feature_hues(k)}
+    for sign, name in ((1, "positive"), (-1, "negative")):
+        scale = part_scale(features, sign)  # the divisor of the overlay PNGs
+        colour, alpha, _ = overlay_colours(features[:1], tuple(obs.shape[-2:]), sign,
+                                           vis.smooth_radius, scale=scale)  # fmt: skip
+        views["nmf"][name] = (colour[0], alpha[0])
+    return (
+        {
+            "components": k,
+            "directions": nmf.directions.tolist(),
+            "mean_abs_residual": float(np.abs(nmf.residual(attr)).mean()),
+            "dir": "nmf",
+        },
+        nmf,
+        features,
+    )
 
 
-def _labels(nmf, attr, activation, states: list[bytes]) -> dict[str, Any]:
-    """Label each NMF feature by the CoinRun objects its attribution falls on (probes.labels)."""
+def _labels(nmf, features, activation, states: list[bytes]) -> dict[str, Any]:
+    """Label each NMF feature (signed (N, K, h, w) maps) by the CoinRun objects its attribution
+    falls on (probes.labels)."""
     from actors.coinrun_masks import CLASSES, class_masks, pool_masks
     from actors.coinrun_state import CoinRunState
     from probes.labels import label_features
 
-    features = nmf.transform(attr)  # (N, K, h, w) signed
     masks = np.stack([class_masks(CoinRunState.parse(s)) for s in states])  # (N, C, 64, 64)
     masks = pool_masks(masks, features.shape[2:])
     directions = nmf.directions / np.linalg.norm(nmf.directions, axis=1, keepdims=True)
@@ -295,8 +395,9 @@ def _labels(nmf, attr, activation, states: list[bytes]) -> dict[str, Any]:
     return {"classes": list(CLASSES), "labels": [f.to_dict() for f in labels]}
 
 
-def _saliency(policy, obs: torch.Tensor, config: ProbeConfig, out: Path) -> dict[str, Any]:
-    from probes.render import obs_to_rgb, save_png
+def _saliency(policy, obs: torch.Tensor, config: ProbeConfig, out: Path,
+              views: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    from probes.render import heatmap_figure, obs_to_rgb, robust_max, save_figure
     from probes.saliency import perturbation_saliency, smoothgrad
 
     out.mkdir()
@@ -305,9 +406,16 @@ def _saliency(policy, obs: torch.Tensor, config: ProbeConfig, out: Path) -> dict
     sg = smoothgrad(policy, obs, target, n=config.smoothgrad_copies, seed=config.seed)
     sg = sg[:, -channels:].sum(1).numpy()  # newest frame
     pert = perturbation_saliency(policy, obs, "value", frame_channels=channels).numpy()
+    labels = {"smoothgrad": f"SmoothGrad of the {target}", "perturbation": "0.5 (V(I) - V(I'))^2"}
     for i in range(len(obs)):
         rgb = obs_to_rgb(obs[i].numpy())
         for name, m in (("smoothgrad", sg[i]), ("perturbation", pert[i])):
-            m = m / m.max() if m.max() > 0 else m
-            save_png(out / f"{name}-{i:02d}.png", 0.5 * rgb + 0.5 * np.stack([m, m, 0 * m], -1))
+            title = (
+                f"{name} saliency of the {'value' if name == 'perturbation' else target}, frame {i}"
+            )
+            save_figure(out / f"{name}-{i:02d}.png",
+                        heatmap_figure(rgb, m, title, labels[name], cmap="viridis", vmin=0.0,
+                                       vmax=robust_max(m)))  # fmt: skip
+    if len(obs):
+        views["saliency"] = {"heat": pert[0], "label": labels["perturbation"]}
     return {"target": target, "frames": len(obs)}

@@ -75,6 +75,9 @@ def test_single_checkpoint_probe_writes_summary_and_images(trained, tmp_path):
         summary["bookmarks"][0]
     )
     assert list((out / "nmf").glob("*.png")) and list((out / "saliency").glob("*.png"))
+    # one overview figure per checkpoint; an interpretable CNN has no attention: saliency instead
+    assert summary["overview"] == "overview.png" and (out / "overview.png").stat().st_size > 0
+    assert "value saliency (no attention in this policy)" in summary["overview_panels"]
     # the same output directory again is refused, and nothing is overwritten
     before = (out / "summary.json").read_bytes()
     again = loupe("probe", "--checkpoint", str(checkpoints(trained)[-1]), "--out", str(out), *FAST)

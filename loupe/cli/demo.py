@@ -1,9 +1,13 @@
 """`loupe demo`: the whole loop, small, on the embedded default.
 
-1. train a PPO agent on CoinRun (interpretable CNN) with checkpoints announced on a private Redis;
-2. a probe worker follows the run's checkpoint stream and analyses each checkpoint;
-3. the last checkpoint is edited to blind it to its first NMF feature;
+1. train a PPO agent with self-attention (``sun-swa``: Sun et al. row self-attention, whose maps
+   and entropy the probes show) on CoinRun, checkpoints announced on a private Redis;
+2. a probe worker follows the run's checkpoint stream and analyses each checkpoint (figures plus
+   summary.json, and one overview.png per checkpoint);
+3. the last checkpoint is edited to blind it to its first NMF feature at the analysis layer;
 4. original and edited agents play the same unseen levels on Ray evaluators, failures by cause.
+
+At the end it names the figure to open first: the last checkpoint's overview.png.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from pathlib import Path
 
 from loupe.config import load_json
 
+#: the demo's policy: small, and with attention maps (see ``loupe policies``)
+DEMO_POLICY = "sun-swa"
+
 
 def run_demo(run_dir: Path, total_steps: int, levels: int, workers: int) -> int:
     from loupe.cli import build_train_config, train_namespace
@@ -21,7 +28,7 @@ def run_demo(run_dir: Path, total_steps: int, levels: int, workers: int) -> int:
     from loupe.train import Trainer
 
     ns = train_namespace(
-        env="procgen:coinrun", policy="interpretable", run_dir=str(run_dir),
+        env="procgen:coinrun", policy=DEMO_POLICY, run_dir=str(run_dir),
         total_steps=total_steps, num_envs=16, num_steps=64, minibatches=4, epochs=2,
         checkpoint_every=max(1, total_steps // (16 * 64) // 2),
         env_option=["num_levels=200", "distribution_mode=easy"],
@@ -37,7 +44,7 @@ def run_demo(run_dir: Path, total_steps: int, levels: int, workers: int) -> int:
     )
     trainer.train()
 
-    print("[2/4] probing every announced checkpoint (IG, attention, NMF, GAE scan, saliency)")
+    print("[2/4] probing every announced checkpoint (IG, attention maps, NMF, GAE scan, saliency)")
     from loupe.bus import CheckpointBus
     from loupe.bus.probe_worker import ProbeWorker, WorkerConfig, connect_run
     from probes.suite import ProbeConfig
@@ -54,12 +61,12 @@ def run_demo(run_dir: Path, total_steps: int, levels: int, workers: int) -> int:
         if server is not None:
             server.stop()
     for r in sorted(results, key=lambda r: r["step"]):
+        entropy = r.get("attention_entropy")
         print(
             f"      step {r['step']:>7}: top-10 attribution share {r['top10_attribution_share']:.3f}, "
             f"completeness delta {r['max_completeness_delta']:.2e}, anomalies {r['anomaly_count']:.0f}"
+            + ("" if entropy is None else f", attention entropy {entropy:.3f}")
         )
-
-    print("[3/4] editing the last checkpoint: project NMF feature 0 out of layer 2b")
     from learner.checkpoint import latest_checkpoint, read_meta
     from probes.editing import write_edited_checkpoint
 
@@ -67,8 +74,10 @@ def run_demo(run_dir: Path, total_steps: int, levels: int, workers: int) -> int:
     meta = read_meta(last)
     summary_path = worker.out_dir(meta["step"], meta["sha256"]) / "summary.json"
     summary = load_json(summary_path)
+    layer = summary["layer"]
+    print(f"[3/4] editing the last checkpoint: project NMF feature 0 out of layer {layer}")
     direction = summary["nmf"]["directions"][0]
-    edited = write_edited_checkpoint(last, "2b", direction, f"nmf:0 of {summary_path}",
+    edited = write_edited_checkpoint(last, layer, direction, f"nmf:0 of {summary_path}",
                                      run.path / "edited")  # fmt: skip
 
     print(
@@ -81,9 +90,12 @@ def run_demo(run_dir: Path, total_steps: int, levels: int, workers: int) -> int:
     print(format_table(result))
     print(f"\nrun directory: {run.path}")
     print(f"  checkpoints  {run.checkpoints}")
-    print(f"  probes       {run.path / 'probes'} (summary.json + PNGs per checkpoint)")
+    print(
+        f"  probes       {run.path / 'probes'} (summary.json, overview.png + figures per checkpoint)"
+    )
     print(f"  evaluation   {run.path / 'eval'} (results.json, failure_causes.png)")
     print(f"  TensorBoard  tensorboard --logdir {run.tb}")
+    print(f"\nopen first: {summary_path.parent / 'overview.png'}")
     return 0
 
 
