@@ -195,14 +195,29 @@ def _span(lo: float, hi: float, limit: int) -> tuple[int, int]:
 def pool_masks(masks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Average (..., C, H, W) shares down to (..., C, h, w) positions of an analysis layer.
 
-    H and W must be multiples of h and w (CoinRun's 64 pixels over a layer of 64, 32, 16, 8 ...).
+    Position i of h covers rows floor(i H / h) .. ceil((i + 1) H / h) - 1 (adaptive average
+    pooling, as torch's ``adaptive_avg_pool2d``): exact blocks when h divides H, overlapping bins
+    otherwise (a 15 x 15 layer of a 64-pixel frame). Shares still sum to 1 per position.
     """
-    *lead, c, big_h, big_w = masks.shape
+    masks = np.asarray(masks)
     h, w = shape
-    if h <= 0 or w <= 0 or big_h % h or big_w % w:
-        raise LoupeError(f"cannot pool {big_h}x{big_w} masks to {h}x{w} positions; use a divisor")
-    fh, fw = big_h // h, big_w // w
-    return masks.reshape(*lead, c, h, fh, w, fw).mean(axis=(-3, -1))
+    if h <= 0 or w <= 0 or h > masks.shape[-2] or w > masks.shape[-1]:
+        raise LoupeError(
+            f"cannot pool {masks.shape[-2]}x{masks.shape[-1]} masks to {h}x{w} positions; "
+            "the layer must be no larger than the frame"
+        )
+    rows = _bins(masks.shape[-2], h)  # (h, H)
+    cols = _bins(masks.shape[-1], w)  # (w, W)
+    return np.einsum("...yx,iy,jx->...ij", masks, rows, cols)
+
+
+def _bins(size: int, n: int) -> np.ndarray:
+    """(n, size) averaging weights of adaptive pooling from ``size`` to ``n``."""
+    weights = np.zeros((n, size))
+    for i in range(n):
+        lo, hi = (i * size) // n, -((-(i + 1) * size) // n)
+        weights[i, lo:hi] = 1.0 / (hi - lo)
+    return weights
 
 
 def mask_stack(states: Iterable[CoinRunState], size: int = 64) -> np.ndarray:

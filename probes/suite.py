@@ -388,7 +388,7 @@ def _labels(nmf, features, activation, states: list[bytes]) -> dict[str, Any]:
     from probes.labels import label_features
 
     masks = np.stack([class_masks(CoinRunState.parse(s)) for s in states])  # (N, C, 64, 64)
-    masks = pool_masks(masks, features.shape[2:])
+    masks = pool_masks(masks, features.shape[2:])  # (N, C, h, w)
     directions = nmf.directions / np.linalg.norm(nmf.directions, axis=1, keepdims=True)
     act = np.einsum("nchw,kc->nkhw", np.maximum(activation, 0), directions)  # (N, K, h, w)
     labels = label_features(features, masks, CLASSES, activation=np.maximum(act, 0))

@@ -132,7 +132,7 @@ def test_masks_are_shares_that_sum_to_one_and_put_the_agent_where_it_is(options)
 
 
 @pytest.mark.unit
-def test_pool_masks_averages_blocks():
+def test_pool_masks_averages_blocks_and_adaptive_bins():
     masks = np.random.default_rng(0).random((2, 3, 8, 8))
     pooled = pool_masks(masks, (4, 2))
     ref = np.zeros((2, 3, 4, 2))
@@ -140,8 +140,15 @@ def test_pool_masks_averages_blocks():
         for x in range(2):
             ref[:, :, y, x] = masks[:, :, 2 * y : 2 * y + 2, 4 * x : 4 * x + 4].mean(axis=(2, 3))
     np.testing.assert_allclose(pooled, ref)
-    with pytest.raises(LoupeError, match="divisor"):
-        pool_masks(masks, (3, 3))
+    # a layer whose size does not divide the frame's: torch's adaptive average pooling
+    import torch
+
+    odd = pool_masks(masks, (3, 5))
+    want = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(masks), (3, 5)).numpy()
+    np.testing.assert_allclose(odd, want, rtol=1e-12)
+    np.testing.assert_allclose(pool_masks(masks / masks.sum(1, keepdims=True), (3, 5)).sum(1), 1)
+    with pytest.raises(LoupeError, match="no larger than the frame"):
+        pool_masks(masks, (9, 9))
 
 
 # -- invisible hazards -------------------------------------------------------------------------
