@@ -369,3 +369,38 @@ def test_real_processes_give_one_line(world):
     ]:
         proc = loupe_subprocess(*argv)
         assert_one_line_error(proc.returncode, proc.stderr, needle)
+
+
+def rendered_help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    formatter = parser._get_formatter()
+    return formatter._expand_help(action) if action.help else ""
+
+
+@pytest.mark.unit
+def test_every_option_has_help_with_its_default():
+    missing = []
+    for name, parser in subparsers().items():
+        for action in options(parser):
+            text = rendered_help(parser, action)
+            flag = f"loupe {name} {action.option_strings[0]}"
+            if not text.strip():
+                missing.append(f"{flag}: no help")
+            elif "default" not in text and "required" not in text and not action.required:
+                missing.append(f"{flag}: help does not say its default: {text!r}")
+            elif (
+                action.default is not None
+                and action.default is not False
+                and not isinstance(action.default, list)
+                and str(action.default) not in text
+            ):
+                missing.append(f"{flag}: help does not show the default {action.default!r}")
+    assert not missing, "\n".join(missing)
+
+
+@pytest.mark.unit
+def test_help_of_every_subcommand_exits_0(capsys):
+    for name in subparsers():
+        code, out, err = run_main([name, "--help"], capsys)
+        assert code == 0 and err == "" and "usage: loupe" in out, name
+    code, out, _ = run_main(["evaluate", "--help"], capsys)
+    assert "levels per checkpoint (default: 10000)" in " ".join(out.split())

@@ -45,7 +45,9 @@ class DefaultsFormatter(argparse.HelpFormatter):
         default = action.default
         if (
             "default" in text
-            or default in (None, False, argparse.SUPPRESS)
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
             or (isinstance(default, list) and not default)
             or not action.option_strings
         ):

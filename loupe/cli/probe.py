@@ -16,8 +16,12 @@ def register(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=path_arg,
                      help="analyse this checkpoint once (needs --out); a run directory means its "
-                     "newest checkpoint")  # fmt: skip
-    src.add_argument("--run", type=path_arg, help="follow this run's checkpoint stream")
+                     "newest checkpoint (this or --run is required)")  # fmt: skip
+    src.add_argument(
+        "--run",
+        type=path_arg,
+        help="follow this run's checkpoint stream (this or --checkpoint is required)",
+    )
     p.add_argument("--out", type=path_arg, help="new output directory for --checkpoint (required)")
     p.add_argument("--layer", default=None, help="analysis layer (default: the policy's)")
     p.add_argument("--num-envs", type=int_range(1, 1024), default=8, help="environments recorded")
@@ -50,7 +54,7 @@ def register(sub) -> None:
     e.add_argument("--direction", type=path_arg, required=True,
                    help="nmf:K (with --nmf) or a .npy file")  # fmt: skip
     e.add_argument("--nmf", type=path_arg, default=None,
-                   help="a probe summary.json holding the NMF directions (needed by nmf:K)")  # fmt: skip
+                   help="a probe summary.json holding the NMF directions (required by nmf:K)")  # fmt: skip
     e.add_argument("--out", type=path_arg, required=True,
                    help="new directory for the edited checkpoint")  # fmt: skip
     e.set_defaults(func=cmd_edit)
