@@ -209,6 +209,26 @@ def path_cases(w) -> list[tuple[list[str], str]]:
     cases.append((["probe", "--checkpoint", ckpt, "--out", fresh, "--layer", "nosuchlayer"],
                   "nosuchlayer"))  # fmt: skip
     cases.append((["probe", "--checkpoint", ckpt], "--out"))
+    # other values of the wrong kind
+    train = ["train", "--env", "procgen:coinrun", "--total-steps", "64", "--no-progress",
+             "--run-dir", str(r / "new-run")]  # fmt: skip
+    for flag, value in [("--device", "foo"), ("--device", ""), ("--env-option", "num_levels=abc"),
+                        ("--env-option", "distribution_mode=weird"), ("--env-option", "novalue"),
+                        ("--policy-option", "x=y"),
+                        ("--inference", "gpu"), ("--precision", "fp8"), ("--preset", "mujoco"),
+                        ("--policy", "resnet9000"), ("--env", "")]:  # fmt: skip
+        cases.append((train + [flag, value], value or flag))
+    cases.append((train + ["--actors", "1", "--ray-address", "nohost:port"], "nohost:port"))
+    for flag, value in [("--policy", "nosuch"), ("--env", "ALE/Pong-v5"),
+                        ("--distribution-mode", "weird"), ("--placements", "gpu")]:  # fmt: skip
+        cases.append((["compare-placements", flag, value, "--out", fresh], value))
+    cases.append((["evaluate", "--checkpoint", ckpt, "--distribution-mode", "weird", "--out", fresh],
+                  "weird"))  # fmt: skip
+    cases.append((["evaluate", "--checkpoint", ckpt, "--start-level", str(2**31 - 1), "--levels",
+                   "2", "--out", fresh], "--start-level"))  # fmt: skip
+    cases.append(
+        (["probe", "--run", run, "--redis", "notaurl", "--exit-when-idle", "0"], "notaurl")
+    )
     return cases
 
 
@@ -281,6 +301,7 @@ def test_bad_paths_give_one_line(world, capsys):
         code, _, err = run_main(argv, capsys)
         try:
             needles = [value.strip() or "empty", Path(value).name.split(".")[0] or "empty"]
+            needles += [part for part in value.split("=") if part]  # K=V options
             needles += [a.lstrip("-") for a in argv if a.startswith("--")]
             assert_one_line_error(code, err, *needles)
         except AssertionError as exc:

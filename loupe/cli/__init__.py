@@ -10,7 +10,15 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from loupe.cli.args import SEED_MAX, Parser, check_out, float_range, int_range, path_arg
+from loupe.cli.args import (
+    SEED_MAX,
+    Parser,
+    check_out,
+    device_arg,
+    float_range,
+    int_range,
+    path_arg,
+)
 from loupe.errors import LoupeError
 
 #: upper bounds of sizes that allocate memory (environments, steps per update, Ray workers)
@@ -109,7 +117,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    "redis-server in RUN_DIR/redis)")  # fmt: skip
     p.add_argument("--no-announce", action="store_true",
                    help="do not announce checkpoints on Redis (default: announce)")  # fmt: skip
-    p.add_argument("--device", default=None,
+    p.add_argument("--device", type=device_arg, default=None,
                    help="learner device: auto, cpu, cuda or cuda:N (default: auto, cuda when there "
                    "is one)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true",

@@ -108,6 +108,25 @@ def path_arg(text: str) -> str:
 path_arg.is_path = True  # type: ignore[attr-defined]
 
 
+#: procgen's level distributions
+DISTRIBUTION_MODES = ("easy", "hard", "extreme", "memory", "exploration")
+
+
+def device_arg(text: str) -> str:
+    """An argparse type: ``auto`` or a torch device name (cpu, cuda, cuda:N, ...)."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
+    return text
+
+
 def check_out(path: str | Path, flag: str, kind: str = "directory") -> Path:
     """Refuse an output path loupe cannot create: one whose place is taken by the other kind
     (a file where a directory goes, or the reverse) or whose parent is a file."""

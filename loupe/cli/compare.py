@@ -6,7 +6,8 @@ import argparse
 import json
 
 from loupe.cli import MAX_ENVS, MAX_STEPS, MAX_WORKERS
-from loupe.cli.args import SEED_MAX, check_out, int_range, path_arg
+from loupe.cli.args import DISTRIBUTION_MODES, SEED_MAX, check_out, int_range, path_arg
+from loupe.errors import LoupeError
 
 
 def register(sub) -> None:
@@ -17,7 +18,8 @@ def register(sub) -> None:
     p.add_argument("--env", default="procgen:coinrun", help="procgen environment id")
     p.add_argument("--num-levels", type=int_range(0, SEED_MAX), default=200,
                    help="training levels (0: unlimited)")  # fmt: skip
-    p.add_argument("--distribution-mode", default="easy", help="procgen distribution mode")
+    p.add_argument("--distribution-mode", choices=DISTRIBUTION_MODES, default="easy",
+                   help="procgen distribution mode")  # fmt: skip
     p.add_argument("--policy", default="nature", help="policy name (see `loupe policies`)")
     p.add_argument("--num-envs", type=int_range(1, MAX_ENVS), default=32,
                    help="environments per run")  # fmt: skip
@@ -44,9 +46,14 @@ def register(sub) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from attention import list_policies
     from loupe.placement import PlacementConfig, compare_placements
 
     check_out(args.out, "--out")
+    if args.policy not in list_policies():
+        raise LoupeError(
+            f"unknown --policy {args.policy!r}; choose one of {', '.join(list_policies())}"
+        )
     cfg = PlacementConfig(
         env_id=args.env,
         num_levels=args.num_levels,

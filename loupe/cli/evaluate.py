@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from loupe.cli.args import SEED_MAX, check_out, int_range, path_arg
+from loupe.cli.args import DISTRIBUTION_MODES, SEED_MAX, check_out, int_range, path_arg
 from loupe.errors import LoupeError
 
 
@@ -15,7 +15,8 @@ def register(sub) -> None:
     p.add_argument("--levels", type=int_range(1, 10_000_000), default=10_000,
                    help="levels per checkpoint")  # fmt: skip
     p.add_argument("--start-level", type=int_range(0, SEED_MAX), default=0, help="first level seed")
-    p.add_argument("--distribution-mode", default=None, help="easy or hard (default: as trained)")
+    p.add_argument("--distribution-mode", choices=DISTRIBUTION_MODES, default=None,
+                   help="procgen level distribution (default: as trained)")  # fmt: skip
     p.add_argument("--workers", type=int_range(0, 4096), default=2,
                    help="Ray evaluator actors (0: in-process)")  # fmt: skip
     p.add_argument("--slots", type=int_range(1, 4096), default=16,
