@@ -38,7 +38,9 @@ class Attribution:
     def __getitem__(self, target: str) -> torch.Tensor:
         """The (N, *layer_shape) attributions of one target by name, e.g. ``res["value"]``."""
         if target not in self.targets:
-            raise LoupeError(f"no target {target!r}; this attribution has {', '.join(self.targets)}")
+            raise LoupeError(
+                f"no target {target!r}; this attribution has {', '.join(self.targets)}"
+            )
         return self.attributions[self.targets.index(target)]
 
     def __repr__(self) -> str:

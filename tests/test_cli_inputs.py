@@ -184,14 +184,26 @@ def path_cases(w) -> list[tuple[list[str], str]]:
             (["evaluate", "--checkpoint", ckpt, "--workers", "0", "--out", v], v),
             (["compare-placements", "--out", v], v),
             (["demo", "--run-dir", v], v),
-            (["train", "--env", "procgen:coinrun", "--total-steps", "64", "--run-dir", v], v),
+            (
+                [
+                    "train",
+                    "--env",
+                    "procgen:coinrun",
+                    "--total-steps",
+                    "64",
+                    "--no-announce",
+                    "--run-dir",
+                    v,
+                ],
+                v,
+            ),  # fmt: skip
         ]
     for v in ["", str(r / "notes.txt" / "x.json"), str(r / "empty")]:
         cases.append((["bench", "--out", v, "--only", "env_steps"], v))
     cases.append((["bench", "--only", "nosuchbench", "--out", str(r / "b.json")], "nosuchbench"))
-    cases.append((["train", "--env", "procgen:coinrun", "--total-steps", "64", "--run-dir",
+    cases.append((["train", "--env", "procgen:coinrun", "--total-steps", "64", "--no-announce", "--run-dir",
                    str(r / "full")], str(r / "full")))  # fmt: skip
-    cases.append((["train", "--env", "procgen:coinrun", "--total-steps", "64", "--run-dir", run],
+    cases.append((["train", "--env", "procgen:coinrun", "--total-steps", "64", "--no-announce", "--run-dir", run],
                   run))  # fmt: skip
     for v in bad_runs(w) + [str(w["truncated"].parent.parent)]:
         cases += [
@@ -211,7 +223,7 @@ def path_cases(w) -> list[tuple[list[str], str]]:
     cases.append((["probe", "--checkpoint", ckpt], "--out"))
     # other values of the wrong kind
     train = ["train", "--env", "procgen:coinrun", "--total-steps", "64", "--no-progress",
-             "--run-dir", str(r / "new-run")]  # fmt: skip
+             "--no-announce", "--run-dir", str(r / "new-run")]  # fmt: skip
     for flag, value in [("--device", "foo"), ("--device", ""), ("--env-option", "num_levels=abc"),
                         ("--env-option", "distribution_mode=weird"), ("--env-option", "novalue"),
                         ("--policy-option", "x=y"),
