@@ -9,12 +9,17 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
+# pip at -qq prints errors only: package indexes configured on a machine that lack a package
+# otherwise print one warning per package and index (over a hundred lines); errors still show and
+# still stop the set-up.
+PIP_INSTALL := $(PY) -m pip install --quiet --quiet --disable-pip-version-check
+
 # torch first, pinned, so that pip takes the CPU build on disk instead of a CUDA download.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -e '.[dev]'
 	$(PY) -c "import loupe.bus.redis_server as r; print('redis-server:', r.find_redis_server())"
 	touch $(STAMP)
 

@@ -121,7 +121,9 @@ class LevelEvaluator:
         return opts
 
     def _make_env(self, level: int):
-        from procgen import ProcgenGym3Env
+        from actors.procgen_env import import_procgen
+
+        ProcgenGym3Env = import_procgen().ProcgenGym3Env  # noqa: N806
 
         env = ProcgenGym3Env(
             num=1,

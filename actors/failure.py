@@ -131,7 +131,9 @@ class FailureClassifier:
             raise LoupeError(
                 "pass procgen options either in FailureConfig or as keywords, not both"
             )
-        from procgen import ProcgenGym3Env
+        from actors.procgen_env import import_procgen
+
+        ProcgenGym3Env = import_procgen().ProcgenGym3Env  # noqa: N806
 
         self.config = config
         options = {"num_levels": 1, "start_level": 0, "num_threads": 0, **config.env_options}

@@ -13,13 +13,47 @@ such episodes end in a failure or a timeout, and the time limit restarts with ev
 
 from __future__ import annotations
 
+import contextlib
+import io
 import struct
+import sys
 from typing import Any
 
 import numpy as np
 
 from actors.envs import EnvConfig, EpisodeRecord, VecEnv, unknown_game_message
 from loupe.errors import LoupeError
+
+
+def import_procgen():
+    """The ``procgen`` module, imported without the deprecation notice of the old ``gym`` package.
+
+    procgen imports ``gym`` (0.26), which prints a several-line notice to stderr on import; loupe
+    uses only procgen's gym3 interface, so the notice is dropped. Anything else written to stderr
+    during the import is passed on.
+    """
+    if "gym" not in sys.modules:
+        captured = io.StringIO()
+        # a missing gym is left for procgen's own import to report
+        with contextlib.redirect_stderr(captured), contextlib.suppress(ImportError):
+            import gym  # noqa: F401
+        text = captured.getvalue()
+        for notice in _gym_notices():
+            text = text.replace(notice + "\n", "")
+        if text:
+            sys.stderr.write(text)
+    import procgen
+
+    return procgen
+
+
+def _gym_notices() -> list[str]:
+    try:
+        from gym_notices.notices import notices
+    except ImportError:
+        return []
+    return [n for n in notices.values() if n]
+
 
 GAMES = (
     "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
@@ -164,7 +198,7 @@ class ProcgenVecEnv(VecEnv):
         self._started = False  # reset() has been called
 
     def _make(self) -> Any:
-        from procgen import ProcgenGym3Env
+        ProcgenGym3Env = import_procgen().ProcgenGym3Env  # noqa: N806
 
         cfg = self.config
         levels = {}

@@ -130,6 +130,7 @@ class Policy(nn.Module):
 
     @property
     def has_attention(self) -> bool:
+        """Whether the forward pass returns attention maps (``PolicyOutput.attention``)."""
         return False
 
     @property
@@ -209,6 +210,8 @@ class Policy(nn.Module):
         return self.pi(features), self.v(features).squeeze(-1)  # (N, A), (N,)
 
     def forward(self, obs: torch.Tensor) -> PolicyOutput:
+        """(N, C, H, W) observations (uint8, or float in [0, 1]) -> logits (N, A), value (N,)
+        and, for attention policies, the attention maps and their entropy."""
         extras: dict[str, torch.Tensor] = {}
         features = self._run(self.prepare(obs), self.layer_names, extras)
         logits, value = self._heads(features)

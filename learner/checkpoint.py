@@ -172,6 +172,12 @@ def _read_json(path: Path) -> dict[str, Any]:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise LoupeError(f"{path}: no such checkpoint") from None
+    except IsADirectoryError:
+        raise LoupeError(f"{path} is a directory, not checkpoint metadata") from None
+    except OSError as exc:
+        raise LoupeError(
+            f"{path}: cannot read checkpoint metadata ({exc.strerror or exc})"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LoupeError(f"{path}: checkpoint metadata is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
@@ -291,3 +297,66 @@ def load_train_state(path: str | Path) -> TrainState:
     except (SafetensorError, KeyError, json.JSONDecodeError) as exc:
         raise LoupeError(f"{state_path}: unreadable training state ({exc})") from None
     return TrainState(tensors, info)
+
+
+def find_checkpoint(
+    text: str | Path | None, flag: str = "--checkpoint", say: Callable[[str], Any] | None = print
+) -> Path:
+    """What a user named as a checkpoint -> the JSON path of a complete checkpoint.
+
+    Accepted: a checkpoint's ``.json``, ``.safetensors`` or ``.state.safetensors``; a run directory
+    or its ``checkpoints/`` directory, meaning its newest checkpoint (``say`` is told which one was
+    taken). Anything else is a one-line ``LoupeError`` naming ``flag``; a missing checkpoint lists
+    the newest few that exist next to it. The metadata is read and schema-checked; the weights are
+    verified when they are loaded (``load_checkpoint``).
+    """
+    if text is None or not str(text).strip():
+        raise LoupeError(
+            f"{flag} is empty; give a checkpoint (checkpoints/ckpt-<step>.json) or a run directory "
+            "for its newest checkpoint"
+        )
+    path = Path(text)
+    if path.is_dir():
+        run = (
+            path.parent
+            if path.name == "checkpoints" and not checkpoint_dir(path).is_dir()
+            else path
+        )
+        newest = latest_checkpoint(run)
+        if newest is None:
+            raise LoupeError(
+                f"{flag} {path} is a directory with no checkpoints (no "
+                f"{checkpoint_dir(run)}/ckpt-<step>.json); give a checkpoint file or a run directory"
+            )
+        read_meta(newest)
+        if say is not None:
+            say(f"{flag} {path}: taking its newest checkpoint, {newest}")
+        return newest
+    name = path.name
+    if not (name.endswith(".json") or name.endswith(".safetensors")):
+        raise LoupeError(
+            f"{flag} {path} is not a checkpoint; give a ckpt-<step>.json (or .safetensors) file or "
+            "a run directory"
+        )
+    json_path = resolve(path)
+    if not json_path.exists():
+        raise LoupeError(f"{flag} {path}: no such checkpoint; {_nearby(json_path)}")
+    if not json_path.is_file():
+        raise LoupeError(f"{flag} {json_path} is not a file; give a checkpoint's .json file")
+    read_meta(json_path)
+    return json_path
+
+
+def _nearby(missing: Path, show: int = 3) -> str:
+    """'checkpoints in DIR: newest, ... (N in all)' for the run a missing checkpoint points into."""
+    parent = missing.parent
+    run = parent.parent if parent.name == "checkpoints" else parent
+    found = list_checkpoints(run)
+    if not found and parent.is_dir():
+        found = sorted(p for p in parent.iterdir() if _NAME.search(p.name))
+    if not found:
+        where = run if run.is_dir() else parent
+        return f"{where} holds no checkpoints" if where.is_dir() else f"{where} does not exist"
+    newest = [p.name for p in found[::-1][:show]]
+    more = f" ({len(found)} in all)" if len(found) > show else ""
+    return f"checkpoints in {found[0].parent}, newest first: {', '.join(newest)}{more}"

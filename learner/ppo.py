@@ -9,6 +9,7 @@ learner.load_state_dict(state)           # the next update is then identical
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Protocol
 
 import numpy as np
@@ -206,7 +207,10 @@ class PPOLearner:
         """GAE on the (T, N) arrays, then (B = T*N) tensors on the learner's device."""
         flat = self._targets(rollout)
         b = rollout.actions.size
-        obs = torch.from_numpy(rollout.obs.reshape(b, *rollout.obs.shape[2:])).to(self.device)
+        with warnings.catch_warnings():
+            # rollouts from Ray are read-only views of the object store; the batch is only read
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            obs = torch.from_numpy(rollout.obs.reshape(b, *rollout.obs.shape[2:])).to(self.device)
         return obs, flat  # (B, C, H, W), {key: (B,)}
 
     def _targets(self, rollout: Rollout) -> dict[str, torch.Tensor]:

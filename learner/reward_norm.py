@@ -47,6 +47,7 @@ class RewardNormalizer:
         return {"ret": self.ret.tolist(), "mean": self.mean, "var": self.var, "count": self.count}
 
     def load(self, state: dict[str, Any]) -> None:
+        """Restore the state written by ``state()``; LoupeError if it is for another env count."""
         ret = np.asarray(state["ret"], dtype=np.float64)
         if ret.shape != self.ret.shape:
             raise LoupeError(

@@ -36,10 +36,12 @@ class Rollout:
 
     @property
     def num_steps(self) -> int:
+        """T, the steps per environment in this rollout."""
         return int(self.actions.shape[0])
 
     @property
     def num_envs(self) -> int:
+        """N, the environments in this rollout."""
         return int(self.actions.shape[1])
 
 

@@ -68,5 +68,11 @@ def load_json(path: Path) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise LoupeError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise LoupeError(f"{path} is a directory, not a JSON file") from None
+    except OSError as exc:
+        raise LoupeError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise LoupeError(f"{path}: not a JSON file (binary content)") from None
     except json.JSONDecodeError as exc:
         raise LoupeError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno})") from None

@@ -36,7 +36,34 @@ class Attribution:
     layer: str
 
     def __getitem__(self, target: str) -> torch.Tensor:
+        """The (N, *layer_shape) attributions of one target by name, e.g. ``res["value"]``."""
+        if target not in self.targets:
+            raise LoupeError(
+                f"no target {target!r}; this attribution has {', '.join(self.targets)}"
+            )
         return self.attributions[self.targets.index(target)]
+
+    def __repr__(self) -> str:
+        k, n, *shape = self.attributions.shape
+        names = self.targets if k <= 6 else [*self.targets[:5], f"... ({k - 5} more)"]
+        finite = self.delta[torch.isfinite(self.delta)].abs()
+        delta = f"{finite.max().item():.3g}" if finite.numel() else "n/a"
+        return (
+            f"Attribution(layer={self.layer!r}, {n} observation(s) x {k} target(s) "
+            f"[{', '.join(names)}], layer shape {tuple(shape)}, "
+            f"max |completeness delta| {delta})"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Shape, targets and completeness gap as plain Python values (no tensors)."""
+        finite = self.delta[torch.isfinite(self.delta)].abs()
+        return {
+            "layer": self.layer,
+            "targets": list(self.targets),
+            "observations": int(self.attributions.shape[1]),
+            "layer_shape": list(self.attributions.shape[2:]),
+            "max_abs_delta": float(finite.max()) if finite.numel() else None,
+        }
 
 
 def check_obs(policy, obs: torch.Tensor) -> torch.Tensor:
@@ -120,6 +147,16 @@ class IntegratedGradients:
         self.chunk_size = chunk_size or n_steps
 
     def attribute(self, obs: torch.Tensor, targets="all") -> Attribution:
+        """Integrated gradients of ``targets`` at this layer for a batch of observations.
+
+        ``obs``: (N, *policy.obs_shape), uint8 or float in [0, 1]. ``targets``: ``"all"`` (the
+        value and every logit), or a list of ``"value"``, ``"logit:I"`` and ``(name, [actions])``
+        groups (the sum of those logits). Returns an ``Attribution`` with attributions
+        (K, N, *layer_shape), the layer's activation, and the completeness gap ``delta`` (K, N):
+        sum of attributions minus (F(a) - F(0)), which shrinks as ``n_steps`` grows. At layer
+        ``"input"`` it is the plain input gradient and ``delta`` is NaN. LoupeError for bad
+        observations or targets.
+        """
         policy = self.policy
         obs = check_obs(policy, obs)
         names, weights = target_matrix(targets, policy.n_actions)

@@ -90,7 +90,7 @@ def test_single_checkpoint_probe_writes_summary_and_images(trained, tmp_path):
     "args, message",
     [
         (["--layer", "9z"], "valid layers: 1a, 2a, 2b"),
-        (["--nmf-components", "0"], "nmf_components must be positive"),
+        (["--nmf-components", "0"], "argument --nmf-components: must be from 1 to"),
     ],
 )
 def test_bad_probe_input(trained, tmp_path, args, message):

@@ -6,9 +6,25 @@ import argparse
 import dataclasses
 import logging
 import sys
+import traceback
+from pathlib import Path
 from typing import Any
 
+from loupe.cli.args import (
+    SEED_MAX,
+    Parser,
+    check_out,
+    device_arg,
+    float_range,
+    int_range,
+    path_arg,
+)
 from loupe.errors import LoupeError
+
+#: upper bounds of sizes that allocate memory (environments, steps per update, Ray workers)
+MAX_ENVS = 65_536
+MAX_STEPS = 1 << 20
+MAX_WORKERS = 4096
 
 
 def _parse_value(text: str) -> Any:
@@ -44,38 +60,71 @@ def default_preset(env_id: str, policy: str) -> str:
 
 # -- train -------------------------------------------------------------------------------------
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--env", help="environment id: ALE/<Game>-v5 or procgen:<game>")
-    p.add_argument("--policy", default=None, help="policy name (see `loupe policies`)")
-    p.add_argument("--preset", default=None, help="PPO preset: procgen, atari-nikulin, atari-sun")
-    p.add_argument("--attn-coef", type=float, default=None, help="attention entropy coefficient")
-    p.add_argument("--total-steps", type=int, default=None, help="environment steps in all")
-    p.add_argument("--run-dir", default=None, help="directory for checkpoints, logs and config")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    p.add_argument("--num-envs", type=int, default=None, help="environments in all (all actors)")
-    p.add_argument("--num-steps", type=int, default=None, help="steps per env per update")
-    p.add_argument("--minibatches", type=int, default=None, help="minibatches per epoch")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per update")
-    p.add_argument("--lr", type=float, default=None, help="learning rate")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--env-option", action="append", metavar="K=V", help="environment option")
-    p.add_argument("--policy-option", action="append", metavar="K=V", help="policy option")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="updates per checkpoint")
-    p.add_argument("--actors", type=int, default=None, help="Ray rollout actors (0: in-process)")
-    p.add_argument("--envs-per-actor", type=int, default=None, help="environments per actor")
-    p.add_argument("--inference", choices=["actor", "central"], default=None)
-    p.add_argument("--max-policy-lag", type=int, default=None)
+    p.add_argument("--env", help="environment id: ALE/<Game>-v5 or procgen:<game> (required)")
+    p.add_argument("--policy", default=None,
+                   help="policy name, see `loupe policies` (default: impala on procgen, nature on "
+                   "Atari)")  # fmt: skip
+    p.add_argument("--preset", default=None,
+                   help="PPO preset: procgen, atari-nikulin, atari-sun (default: procgen on "
+                   "procgen, atari-sun for sun-* policies, else atari-nikulin)")  # fmt: skip
+    p.add_argument("--attn-coef", type=float_range(0.0, 100.0), default=None,
+                   help="attention entropy coefficient (default: the preset's)")  # fmt: skip
+    p.add_argument("--total-steps", type=int_range(1), default=None,
+                   help="environment steps in all (required)")  # fmt: skip
+    p.add_argument("--run-dir", type=path_arg, default=None,
+                   help="new or empty directory for checkpoints, logs and config (required)")  # fmt: skip
+    p.add_argument("--resume", type=path_arg, default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its newest checkpoint (default: a new "
+                   "run)")  # fmt: skip
+    p.add_argument("--num-envs", type=int_range(1, MAX_ENVS), default=None,
+                   help="environments in all, all actors together (default: the preset's)")  # fmt: skip
+    p.add_argument("--num-steps", type=int_range(1, MAX_STEPS), default=None,
+                   help="steps per env per update (default: the preset's)")  # fmt: skip
+    p.add_argument("--minibatches", type=int_range(1, MAX_STEPS), default=None,
+                   help="minibatches per epoch (default: the preset's)")  # fmt: skip
+    p.add_argument("--epochs", type=int_range(1, 10_000), default=None,
+                   help="epochs per update (default: the preset's)")  # fmt: skip
+    p.add_argument("--lr", type=float_range(0.0, 1.0, lo_open=True), default=None,
+                   help="learning rate (default: the preset's)")  # fmt: skip
+    p.add_argument("--seed", type=int_range(0, SEED_MAX), default=None,
+                   help="seed of environments, weights and sampling (default: the preset's)")  # fmt: skip
+    p.add_argument("--env-option", action="append", metavar="K=V",
+                   help="environment option, repeatable, e.g. num_levels=200 (default: the env's)")  # fmt: skip
+    p.add_argument("--policy-option", action="append", metavar="K=V",
+                   help="policy option, repeatable, e.g. attention=sigmoid (default: the "
+                   "policy's)")  # fmt: skip
+    p.add_argument("--checkpoint-every", type=int_range(1), default=None,
+                   help="updates per checkpoint (default: 10)")  # fmt: skip
+    p.add_argument("--actors", type=int_range(0, MAX_WORKERS), default=None,
+                   help="Ray rollout actors; 0 samples in-process (default: 0)")  # fmt: skip
+    p.add_argument("--envs-per-actor", type=int_range(1, MAX_ENVS), default=None,
+                   help="environments per actor, sets --num-envs to this times --actors "
+                   "(default: --num-envs split over the actors)")  # fmt: skip
+    p.add_argument("--inference", choices=["actor", "central"], default=None,
+                   help="where the policy runs with --actors: on each actor, or batched on the "
+                   "learner (default: actor)")  # fmt: skip
+    p.add_argument("--max-policy-lag", type=int_range(0, 1000), default=None,
+                   help="policy versions an actor may lag behind the learner (default: 1)")  # fmt: skip
     p.add_argument("--proximal", choices=["auto", "behaviour", "learner"], default=None,
                    help="PPO ratio against the behaviour policy, the learner (decoupled PPO), or auto: "
-                   "the learner when the batch is stale (default)")  # fmt: skip
+                   "the learner when the batch is stale (default: auto)")  # fmt: skip
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                   help="arithmetic of the PPO update: fp32 (default) or bf16 autocast")  # fmt: skip
-    p.add_argument("--learners", type=int, default=None,
-                   help="data-parallel learner processes (NCCL, one GPU each; gloo, one CPU each)")  # fmt: skip
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local Ray)")
-    p.add_argument("--redis", default=None, help="redis://... URL (default: private server)")
-    p.add_argument("--no-announce", action="store_true", help="do not announce checkpoints")
-    p.add_argument("--device", default=None, help="auto, cpu or cuda")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="arithmetic of the PPO update: fp32 or bf16 autocast (default: fp32)")  # fmt: skip
+    p.add_argument("--learners", type=int_range(1, 1024), default=None,
+                   help="data-parallel learner processes: NCCL with one GPU each, gloo with one CPU "
+                   "each (default: 1)")  # fmt: skip
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster address HOST:PORT or auto (default: a private local Ray)")  # fmt: skip
+    p.add_argument("--redis", default=None,
+                   help="redis://... URL for checkpoint announcements (default: a private "
+                   "redis-server in RUN_DIR/redis)")  # fmt: skip
+    p.add_argument("--no-announce", action="store_true",
+                   help="do not announce checkpoints on Redis (default: announce)")  # fmt: skip
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="learner device: auto, cpu, cuda or cuda:N (default: auto, cuda when there "
+                   "is one)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (default: a bar on a terminal)")  # fmt: skip
 
 
 def build_train_config(args: argparse.Namespace):
@@ -180,6 +229,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             config.save(run.config_path)  # later resumes keep the new learner count
     else:
         config = build_train_config(args)
+        check_out(config.run_dir, "--run-dir")
         run = RunDir(config.run_dir)
         run.check_new()
         trainer = Trainer(config, progress=not args.no_progress)  # validates env and policy
@@ -208,7 +258,7 @@ def train_namespace(**values) -> argparse.Namespace:
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+    p = Parser(add_help=False)
     add_train_args(p)
     return p
 
@@ -238,19 +288,23 @@ def cmd_envs(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="loupe", description="Train attention-augmented PPO agents and look inside them."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging and full tracebacks of internal errors")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("train", help="PPO training; writes and announces checkpoints")
     add_train_args(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help="a small end-to-end run on the embedded default")
-    p.add_argument("--run-dir", default=None)
-    p.add_argument("--total-steps", type=int, default=32768)
-    p.add_argument("--levels", type=int, default=100, help="evaluation levels per agent")
-    p.add_argument("--workers", type=int, default=2, help="Ray evaluators")
+    p.add_argument("--run-dir", type=path_arg, default=None,
+                   help="new directory for the demo run (default: runs/demo-<date>-<time>)")  # fmt: skip
+    p.add_argument("--total-steps", type=int_range(1024), default=32768, help="training steps")
+    p.add_argument("--levels", type=int_range(1, 10_000_000), default=100,
+                   help="evaluation levels per agent")  # fmt: skip
+    p.add_argument("--workers", type=int_range(0, MAX_WORKERS), default=2,
+                   help="Ray evaluators (0: in-process)")  # fmt: skip
     p.set_defaults(func=_demo)
     p = sub.add_parser("policies", help="list the policy networks")
     p.set_defaults(func=cmd_policies)
@@ -287,9 +341,13 @@ def _load_extra_commands() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `loupe` command -> its exit status (0 done, 1 internal error, 2 bad input)."""
     _load_extra_commands()
     parser = make_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or an argparse error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -302,6 +360,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("loupe: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a defect in loupe: one line, the traceback only with -v
+        if args.verbose:
+            traceback.print_exc()
+        print(f"loupe: internal error: {internal_error_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def internal_error_line(exc: BaseException) -> str:
+    """One line for an unexpected exception: what, where, and how to report it."""
+    text = " ".join(str(exc).split()) or "(no message)"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return (
+        f"{type(exc).__name__}: {text}{where}. This is a defect in loupe: please report it with "
+        "the command line and the output of the same command run with `loupe -v`"
+    )
 
 
 if __name__ == "__main__":

@@ -4,46 +4,61 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+
+from loupe.cli.args import check_out, float_range, int_range, path_arg
+from loupe.errors import LoupeError
 
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks, JSON out")
-    p.add_argument("--out", default=None,
-                   help="JSON output file (default bench/results.json, with --gpu bench/gpu.json)")  # fmt: skip
-    p.add_argument("--only", action="append", default=[], help="run only this benchmark")
-    p.add_argument("--seconds", type=float, default=3.0, help="seconds per throughput figure")
-    p.add_argument("--updates", type=int, default=3, help="timed PPO updates per measurement")
+    p.add_argument("--out", type=path_arg, default=None,
+                   help="JSON output file (default: bench/results.json, with --gpu bench/gpu.json)")  # fmt: skip
+    p.add_argument("--only", action="append", default=[],
+                   help="run only this benchmark, repeatable (default: all)")  # fmt: skip
+    p.add_argument("--seconds", type=float_range(0.0, 3600.0, lo_open=True), default=3.0,
+                   help="seconds per throughput figure")  # fmt: skip
+    p.add_argument("--updates", type=int_range(1, 10_000), default=3,
+                   help="timed PPO updates per measurement")  # fmt: skip
     p.add_argument("--gpu", action="store_true",
                    help="the GPU benchmark: end to end with central inference for 1..N actors, "
-                   "learner only (fp32/bf16, 1..#GPUs learners), IG, evaluation")  # fmt: skip
-    p.add_argument(
-        "--device", default="cuda", help="with --gpu: the device (cpu only with --quick)"
-    )
-    p.add_argument("--quick", action="store_true", help="with --gpu: tiny sizes, a dry run")
+                   "learner only (fp32/bf16, 1..#GPUs learners), IG, evaluation (default: off)")  # fmt: skip
+    p.add_argument("--device", default="cuda",
+                   help="with --gpu: the device, cpu only with --quick (default: cuda)")  # fmt: skip
+    p.add_argument("--quick", action="store_true",
+                   help="with --gpu: tiny sizes, a dry run (default: off)")  # fmt: skip
     p.add_argument("--budget-s", type=float, default=360.0,
-                   help="with --gpu: seconds the benchmark may take; parts that do not fit are skipped")  # fmt: skip
+                   help="with --gpu: seconds the benchmark may take; parts that do not fit are "
+                   "skipped")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from loupe.bench import BenchConfig, GpuBenchConfig, run_benchmarks, run_gpu_benchmarks
+    from loupe.bench import (
+        BENCHMARKS,
+        BenchConfig,
+        GpuBenchConfig,
+        run_benchmarks,
+        run_gpu_benchmarks,
+    )
     from loupe.config import save_json
-    from loupe.errors import LoupeError
 
     if args.gpu:
         if args.only:
             raise LoupeError("--only selects `loupe bench` figures; --gpu runs its own set")
         if args.budget_s <= 0:
             raise LoupeError(f"--budget-s must be positive, got {args.budget_s}")
+        out = check_out(args.out or "bench/gpu.json", "--out", kind="file")
         results = run_gpu_benchmarks(
             GpuBenchConfig(device=args.device, quick=args.quick, budget_s=args.budget_s)
         )
     else:
+        out = check_out(args.out or "bench/results.json", "--out", kind="file")
+        unknown = [n for n in args.only if n not in BENCHMARKS]
+        if unknown:
+            raise LoupeError(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}")
         results = run_benchmarks(
             BenchConfig(only=tuple(args.only), seconds=args.seconds, updates=args.updates)
         )
-    out = Path(args.out or ("bench/gpu.json" if args.gpu else "bench/results.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     save_json(out, results)
     print(json.dumps(results, indent=2, sort_keys=True))

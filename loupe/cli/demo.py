@@ -100,5 +100,7 @@ def run_demo(run_dir: Path, total_steps: int, levels: int, workers: int) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    from loupe.cli.args import check_out
+
+    run_dir = check_out(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}", "--run-dir")
     return run_demo(run_dir, args.total_steps, args.levels, args.workers)

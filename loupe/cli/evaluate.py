@@ -4,24 +4,32 @@ from __future__ import annotations
 
 import argparse
 
+from loupe.cli.args import DISTRIBUTION_MODES, SEED_MAX, check_out, int_range, path_arg
 from loupe.errors import LoupeError
 
 
 def register(sub) -> None:
     p = sub.add_parser("evaluate", help="N CoinRun levels per checkpoint, failure rates by cause")
-    p.add_argument("--checkpoint", action="append", required=True, help="checkpoint (repeatable)")
-    p.add_argument("--levels", type=int, default=10_000, help="levels per checkpoint")
-    p.add_argument("--start-level", type=int, default=0, help="first level seed")
-    p.add_argument("--distribution-mode", default=None, help="easy or hard (default: as trained)")
-    p.add_argument("--workers", type=int, default=2, help="Ray evaluator actors (0: in-process)")
-    p.add_argument("--slots", type=int, default=16, help="levels played at once per evaluator")
-    p.add_argument("--chunk", type=int, default=32, help="levels per task")
-    p.add_argument("--no-causes", action="store_true", help="plain success rates, no causes")
-    p.add_argument("--seed", type=int, default=0, help="action-sampling seed")
+    p.add_argument("--checkpoint", action="append", required=True, type=path_arg,
+                   help="checkpoint, repeatable; a run directory means its newest checkpoint")  # fmt: skip
+    p.add_argument("--levels", type=int_range(1, 10_000_000), default=10_000,
+                   help="levels per checkpoint")  # fmt: skip
+    p.add_argument("--start-level", type=int_range(0, SEED_MAX), default=0, help="first level seed")
+    p.add_argument("--distribution-mode", choices=DISTRIBUTION_MODES, default=None,
+                   help="procgen level distribution (default: as trained)")  # fmt: skip
+    p.add_argument("--workers", type=int_range(0, 4096), default=2,
+                   help="Ray evaluator actors (0: in-process)")  # fmt: skip
+    p.add_argument("--slots", type=int_range(1, 4096), default=16,
+                   help="levels played at once per evaluator")  # fmt: skip
+    p.add_argument("--chunk", type=int_range(1, 1_000_000), default=32, help="levels per task")
+    p.add_argument("--no-causes", action="store_true",
+                   help="plain success rates, no failure causes (default: causes)")  # fmt: skip
+    p.add_argument("--seed", type=int_range(0, SEED_MAX), default=0, help="action-sampling seed")
     p.add_argument("--invisible", action="append", default=[], metavar="GROUP",
+                   choices=["saw", "enemy_left", "enemy_right"],
                    help="keep a hazard group deadly but never drawn: saw, enemy_left or "
-                   "enemy_right (repeatable; the invisible-hazard control)")  # fmt: skip
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local)")
+                   "enemy_right, repeatable; the invisible-hazard control (default: none)")  # fmt: skip
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local Ray)")
     p.add_argument(
         "--label",
         action="append",
@@ -31,8 +39,10 @@ def register(sub) -> None:
         "and results (repeatable; default: an edited checkpoint's edit, e.g. 'nmf:3 of 2b "
         "projected out of RUN step N', else 'RUN step N')",
     )
-    p.add_argument("--out", required=True, help="output directory (resumable)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", type=path_arg, required=True,
+                   help="output directory; the same command again resumes it")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (default: a bar per checkpoint)")  # fmt: skip
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -53,10 +63,14 @@ def parse_labels(values: list[str]) -> dict[str, str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from learner.checkpoint import find_checkpoint
     from loupe.distributed.evaluate import EvalConfig, evaluate, format_table
 
+    check_out(args.out, "--out")
+    if args.start_level + args.levels - 1 > SEED_MAX:
+        raise LoupeError(f"--start-level + --levels must stay below {SEED_MAX + 1} (level seeds)")
     cfg = EvalConfig(
-        checkpoints=args.checkpoint,
+        checkpoints=[str(find_checkpoint(c)) for c in args.checkpoint],
         out=args.out,
         levels=args.levels,
         start_level=args.start_level,
@@ -68,7 +82,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         ray_address=args.ray_address,
         invisible=args.invisible,
-        labels=parse_labels(args.label),
+        labels={
+            str(find_checkpoint(path)): name for path, name in parse_labels(args.label).items()
+        },
     )
     summary = evaluate(cfg, progress=not args.no_progress, echo=print)
     print(format_table(summary))

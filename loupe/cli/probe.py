@@ -6,6 +6,7 @@ import argparse
 import subprocess
 import sys
 
+from loupe.cli.args import check_out, float_range, int_range, path_arg
 from loupe.config import load_json
 from loupe.errors import LoupeError
 
@@ -13,34 +14,49 @@ from loupe.errors import LoupeError
 def register(sub) -> None:
     p = sub.add_parser("probe", help="interpretability probes for a checkpoint or a whole run")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="analyse this checkpoint once (needs --out)")
-    src.add_argument("--run", help="follow this run's checkpoint stream")
-    p.add_argument("--out", help="output directory for --checkpoint")
+    src.add_argument("--checkpoint", type=path_arg,
+                     help="analyse this checkpoint once (needs --out); a run directory means its "
+                     "newest checkpoint (this or --run is required)")  # fmt: skip
+    src.add_argument(
+        "--run",
+        type=path_arg,
+        help="follow this run's checkpoint stream (this or --checkpoint is required)",
+    )
+    p.add_argument("--out", type=path_arg, help="new output directory for --checkpoint (required)")
     p.add_argument("--layer", default=None, help="analysis layer (default: the policy's)")
-    p.add_argument("--num-envs", type=int, default=8, help="environments recorded")
-    p.add_argument("--num-steps", type=int, default=128, help="steps recorded per environment")
-    p.add_argument("--ig-samples", type=int, default=64, help="observations attributed")
-    p.add_argument("--nmf-components", type=int, default=8)
-    p.add_argument("--smoothgrad-copies", type=int, default=50)
+    p.add_argument("--num-envs", type=int_range(1, 1024), default=8, help="environments recorded")
+    p.add_argument("--num-steps", type=int_range(1, 100_000), default=128,
+                   help="steps recorded per environment")  # fmt: skip
+    p.add_argument("--ig-samples", type=int_range(1, 100_000), default=64,
+                   help="observations attributed with integrated gradients")  # fmt: skip
+    p.add_argument("--nmf-components", type=int_range(1, 1024), default=8,
+                   help="NMF features of the attributions")  # fmt: skip
+    p.add_argument("--smoothgrad-copies", type=int_range(1, 10_000), default=50,
+                   help="noisy copies per SmoothGrad saliency map")  # fmt: skip
     p.add_argument("--redis", default=None, help="redis://... (default: the run's private server)")
-    p.add_argument("--workers", type=int, default=1, help="probe worker processes")
+    p.add_argument("--workers", type=int_range(1, 64), default=1, help="probe worker processes")
     p.add_argument("--group", default="probes", help="consumer group (probe suite name)")
-    p.add_argument("--consumer", default=None, help="this worker's consumer name")
-    p.add_argument("--claim-idle-ms", type=int, default=60_000)
-    p.add_argument("--exit-when-idle", type=float, default=None, help="stop after S idle seconds")
-    p.add_argument("--max-checkpoints", type=int, default=None)
+    p.add_argument("--consumer", default=None,
+                   help="this worker's consumer name (default: host and process id)")  # fmt: skip
+    p.add_argument("--claim-idle-ms", type=int_range(0), default=60_000,
+                   help="take over a checkpoint another worker has held this long without an "
+                   "answer")  # fmt: skip
+    p.add_argument("--exit-when-idle", type=float_range(0.0, 1e9), default=None,
+                   help="stop after S idle seconds (default: follow the run until interrupted)")  # fmt: skip
+    p.add_argument("--max-checkpoints", type=int_range(1), default=None,
+                   help="stop after probing this many checkpoints (default: no limit)")  # fmt: skip
     p.set_defaults(func=cmd_probe)
 
     e = sub.add_parser("edit", help="project a feature direction out of a layer's consumer")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--layer", required=True)
-    e.add_argument(
-        "--direction",
-        required=True,
-        help="nmf:K or label:NAME (e.g. label:saw; both with --nmf) or a .npy file",
-    )
-    e.add_argument("--nmf", default=None, help="a probe summary.json holding the NMF directions")
-    e.add_argument("--out", required=True, help="new directory for the edited checkpoint")
+    e.add_argument("--checkpoint", type=path_arg, required=True,
+                   help="checkpoint to edit; a run directory means its newest checkpoint")  # fmt: skip
+    e.add_argument("--layer", required=True, help="layer whose output direction is removed")
+    e.add_argument("--direction", type=path_arg, required=True,
+                   help="nmf:K or label:NAME (e.g. label:saw), both with --nmf, or a .npy file")  # fmt: skip
+    e.add_argument("--nmf", type=path_arg, default=None,
+                   help="a probe summary.json holding the NMF directions (required by nmf:K and label:NAME)")  # fmt: skip
+    e.add_argument("--out", type=path_arg, required=True,
+                   help="new directory for the edited checkpoint")  # fmt: skip
     e.set_defaults(func=cmd_edit)
 
 
@@ -58,11 +74,14 @@ def probe_config(args):
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    if args.checkpoint:
+    if args.checkpoint is not None:
         if not args.out:
             raise LoupeError("--checkpoint needs --out DIR")
+        from learner.checkpoint import find_checkpoint
         from probes.suite import run_suite
 
+        check_out(args.out, "--out")
+        args.checkpoint = find_checkpoint(args.checkpoint)
         summary = run_suite(args.checkpoint, args.out, probe_config(args))
         print(f"step {summary['step']}, layer {summary['layer']}:")
         for key in ("attention_entropy", "max_completeness_delta", "top10_attribution_share",
@@ -121,17 +140,23 @@ def spawn_workers(args: argparse.Namespace) -> int:
 def cmd_edit(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from learner.checkpoint import find_checkpoint
     from probes.editing import summary_direction, write_edited_checkpoint
 
+    check_out(args.out, "--out")
+    args.checkpoint = find_checkpoint(args.checkpoint)
     spec = args.direction
     if spec.startswith(("nmf:", "label:")):
         if not args.nmf:
             raise LoupeError(f"--direction {spec} needs --nmf SUMMARY_JSON from `loupe probe`")
-        direction, spec = summary_direction(load_json(args.nmf), spec, args.layer)
+        summary = load_json(args.nmf)
+        if not isinstance(summary, dict):
+            raise LoupeError(f"--nmf {args.nmf} is not a probe summary.json (not a JSON object)")
+        direction, spec = summary_direction(summary, spec, args.layer)
     else:
         try:
             direction = np.load(spec, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise LoupeError(f"cannot read direction {spec} ({exc})") from None
     path = write_edited_checkpoint(args.checkpoint, args.layer, direction, spec, args.out)
     print(f"edited checkpoint: {path}")

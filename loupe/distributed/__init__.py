@@ -47,6 +47,8 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         # some other process left behind)
         kwargs["address"] = "local"
         kwargs["_node_ip_address"] = "127.0.0.1"
+        # Ray's default for a new local cluster is token authentication; it says so at each start
+        _quiet_logger("ray._private.authentication.authentication_token_setup", "is enabled for")
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
     try:
@@ -57,6 +59,16 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
             f"cannot reach Ray at {address!r} ({first}); start one with `ray start --head` "
             "or leave out --ray-address for a local Ray"
         ) from None
+
+
+def _quiet_logger(name: str, text: str) -> None:
+    """Drop the records of logger ``name`` whose message contains ``text`` (a routine notice)."""
+    logger = logging.getLogger(name)
+    if not any(getattr(f, "loupe_text", None) == text for f in logger.filters):
+        notice_filter = logging.Filter()
+        notice_filter.filter = lambda record: text not in record.getMessage()  # type: ignore[method-assign]
+        notice_filter.loupe_text = text  # type: ignore[attr-defined]
+        logger.addFilter(notice_filter)
 
 
 def check_reachable(address: str, timeout: float = 3.0) -> None:

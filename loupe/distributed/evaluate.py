@@ -374,19 +374,23 @@ def _run_on_ray(target: Target, todo: list[int], cfg: EvalConfig, writer, bar) -
 
     init_ray(cfg.ray_address)
     check_cpus(cfg.workers)
-    remote_cls = ray.remote(num_cpus=1, max_restarts=2, max_task_retries=0)(LevelEvaluator)
+    # a dead evaluator is replaced here, not restarted by Ray: Ray restarts of an actor whose
+    # constructor arguments live in the object store are unsafe (and logged as an error)
+    remote_cls = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(LevelEvaluator)
     spec_ref, weights_ref = ray.put(target.spec), ray.put(target.weights)
-    workers = [
-        remote_cls.remote(spec_ref, weights_ref, target.evaluator) for _ in range(cfg.workers)
-    ]
+
+    def start() -> Any:
+        return remote_cls.remote(spec_ref, weights_ref, target.evaluator)
+
+    workers = [start() for _ in range(cfg.workers)]
     queue = _chunks(todo, cfg.chunk)[::-1]
-    in_flight: dict[Any, tuple[int, list[int]]] = {}
+    in_flight: dict[Any, tuple[int, list[int], Any]] = {}
     failures = 0
 
     def submit(w: int) -> None:
         if queue:
             chunk = queue.pop()
-            in_flight[workers[w].evaluate.remote(chunk)] = (w, chunk)
+            in_flight[workers[w].evaluate.remote(chunk)] = (w, chunk, workers[w])
 
     try:
         for w in range(len(workers)):
@@ -394,10 +398,12 @@ def _run_on_ray(target: Target, todo: list[int], cfg: EvalConfig, writer, bar) -
             submit(w)  # two chunks per worker keep it busy while results travel back
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
-            w, chunk = in_flight.pop(ready[0])
+            w, chunk, actor = in_flight.pop(ready[0])
             try:
                 results = ray.get(ready[0])
             except RayActorError:
+                if workers[w] is actor:  # the first of its lost chunks replaces the evaluator
+                    workers[w] = start()
                 failures += 1
                 if failures > 3 * cfg.workers:
                     raise LoupeError(
