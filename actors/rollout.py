@@ -101,8 +101,11 @@ class RolloutActor:
     def value(self, obs: np.ndarray) -> np.ndarray:
         return policy_values(self.policy, obs)
 
-    def rollout(self, num_steps: int):
-        """Step every env ``num_steps`` times -> a ``Rollout`` with (T, N) arrays."""
+    def rollout(self, num_steps: int, on_step=None):
+        """Step every env ``num_steps`` times -> a ``Rollout`` with (T, N) arrays.
+
+        ``on_step(n)``, if given, is called after each step with the n environment steps it took
+        (progress bars)."""
         from learner.rollout import RolloutBuilder
 
         if self.version < 0:
@@ -119,6 +122,8 @@ class RolloutActor:
             self.env_seconds += time.perf_counter() - t1
             self.inference_seconds += t1 - t0
             batch.record(t, actions, logp, values, reward, done, finished)
+            if on_step is not None:
+                on_step(n)
         t0 = time.perf_counter()
         last_value = self.value(self.obs)
         self.inference_seconds += time.perf_counter() - t0
