@@ -283,21 +283,12 @@ class Trainer:
 
     def planned_steps(self) -> int:
         """The step training ends at: whole updates, so ``total_steps`` rounded up to a batch."""
-        done, total = self.learner.global_step, self.config.ppo.total_steps
-        return done + -(-max(total - done, 0) // self.batch_steps) * self.batch_steps
+        return planned_end(self.learner.global_step, self.config.ppo.total_steps, self.batch_steps)
 
     def rounding_note(self) -> str | None:
         """One line when ``total_steps`` is not a whole number of updates, else None."""
-        total, end = self.config.ppo.total_steps, self.planned_steps()
-        if end == total or end <= self.learner.global_step:
-            return None
-        updates = (end - self.learner.global_step) // self.batch_steps
         ppo = self.config.ppo
-        return (
-            f"--total-steps {total} is rounded up to {end} = {updates} update"
-            f"{'s' if updates != 1 else ''} of {ppo.num_envs} envs x {ppo.num_steps} steps"
-            + (f" from step {self.learner.global_step}" if self.learner.global_step else "")
-        )
+        return rounding_note(self.learner.global_step, ppo.total_steps, ppo.num_envs, ppo.num_steps)
 
     def weights(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy() for k, v in self.policy.state_dict().items()}
@@ -409,6 +400,26 @@ class Trainer:
                 )
             self.close_bus()
         return last
+
+
+def planned_end(done: int, total: int, batch: int) -> int:
+    """The step a run at step ``done`` ends at when it trains whole updates of ``batch`` steps
+    until it has reached ``total``."""
+    return done + -(-max(total - done, 0) // batch) * batch
+
+
+def rounding_note(done: int, total: int, num_envs: int, num_steps: int) -> str | None:
+    """``--total-steps 8192 is rounded up to 16384 = 1 update of 64 envs x 256 steps``, or None
+    when ``total`` is reached exactly."""
+    end = planned_end(done, total, num_envs * num_steps)
+    if end in (total, done):
+        return None
+    updates = (end - done) // (num_envs * num_steps)
+    return (
+        f"--total-steps {total} is rounded up to {end} = {updates} update"
+        f"{'s' if updates != 1 else ''} of {num_envs} envs x {num_steps} steps"
+        + (f" from step {done}" if done else "")
+    )
 
 
 class InProcessSampler:
