@@ -61,7 +61,8 @@ def handlers() -> Iterator[None]:
         yield
         return
     global _installed
-    old = {s: signal.signal(s, _handler) for s in SIGNALS}
+    # a signal the process was started to ignore (SIGINT of a background job) stays ignored
+    old = {s: signal.signal(s, _handler) for s in SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
     _installed += 1
     try:
         yield
@@ -76,7 +77,8 @@ def rearm() -> None:
     SIGTERM handler in place, which aborts the process); nothing when ``handlers()`` is not active."""
     if _installed and threading.current_thread() is threading.main_thread():
         for s in SIGNALS:
-            signal.signal(s, _handler)
+            if signal.getsignal(s) != signal.SIG_IGN:
+                signal.signal(s, _handler)
 
 
 @contextlib.contextmanager

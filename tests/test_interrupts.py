@@ -265,21 +265,24 @@ def copy_run(run: Path, dest: Path) -> Path:
     return dest
 
 
+def run_id(run: Path) -> str:
+    return json.loads((run / "config.json").read_text())["run_id"]
+
+
 def probe_results(run: Path) -> list[dict]:
     """Probe results recorded in the run's stream (reads the AOF through a fresh server)."""
     from loupe.bus import CheckpointBus, connect
     from loupe.bus.redis_server import RedisServer
 
     with RedisServer(run / "redis") as server:
-        bus = CheckpointBus(
-            connect(server.url), json.loads((run / "config.json").read_text())["run_id"]
-        )
+        bus = CheckpointBus(connect(server.url), run_id(run))
         fields = [f for _, f in bus.read_results()]
         bus.client.close()
     return [{k: json.loads(v) for k, v in f.items()} for f in fields]
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(1200)  # three probes on two cores
 def test_two_probe_workers_share_the_runs_redis_and_probe_each_checkpoint_once(
     announced_run, tmp_path
 ):
@@ -290,7 +293,7 @@ def test_two_probe_workers_share_the_runs_redis_and_probe_each_checkpoint_once(
     servers = [pid for pid, name in probe.seen.items() if name == "redis-server"]
     assert len(servers) == 1, probe.seen  # started once, by the parent
     assert "Failed listening" not in (run / "redis" / "redis.log").read_text()
-    assert "waiting for checkpoints of run" in probe.text
+    assert f"waiting for checkpoints of {run_id(run)}" in probe.text
     assert not probe.left_behind()
     results = probe_results(run)
     assert [r["kind"] for r in results] == ["probe"] * 3, results
@@ -299,11 +302,13 @@ def test_two_probe_workers_share_the_runs_redis_and_probe_each_checkpoint_once(
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(1200)
 def test_sigterm_to_three_probe_workers_stops_them_and_redis_and_resumes(announced_run, tmp_path):
     run = copy_run(announced_run, tmp_path / "run")
     probe = Loupe("probe", "--run", str(run), "--workers", "3", *FAST)
     # no --exit-when-idle: the workers wait for new checkpoints, and the parent says so
-    probe.wait_for(lambda: "waiting for checkpoints of run" in probe.text, timeout=900,
+    waiting = f"waiting for checkpoints of {run_id(run)} (3 announced so far, all handled)"
+    probe.wait_for(lambda: waiting in probe.text, timeout=900,
                    what="the waiting line")  # fmt: skip
     workers = [pid for pid, name in probe.seen.items() if name.startswith("python")]
     assert len(workers) == 3 and list(probe.seen.values()).count("redis-server") == 1
