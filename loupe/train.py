@@ -375,12 +375,12 @@ class Trainer:
                     bar.write(f"checkpoint {path}")
         except KeyboardInterrupt:
             step = self.learner.global_step
-            if torn:
-                bar.write(f"interrupted inside an update: no checkpoint of it (newest: {step})")
+            if torn:  # only with a second signal, or without loupe's signal handlers
+                bar.write("interrupted inside an update: no checkpoint of it; the newest is kept")
             elif updates_since_ckpt:
                 bar.write(f"interrupted: writing a checkpoint at step {step} before exit")
             else:
-                bar.write(f"interrupted: the checkpoint at step {step} is the newest")
+                bar.write(f"interrupted: nothing to checkpoint since step {step}")
             raise
         finally:
             if updates_since_ckpt and not torn:

@@ -307,7 +307,7 @@ def test_sigterm_to_three_probe_workers_stops_them_and_redis_and_resumes(announc
     run = copy_run(announced_run, tmp_path / "run")
     probe = Loupe("probe", "--run", str(run), "--workers", "3", *FAST)
     # no --exit-when-idle: the workers wait for new checkpoints, and the parent says so
-    waiting = f"waiting for checkpoints of {run_id(run)} (3 announced so far, all handled)"
+    waiting = f"waiting for checkpoints of {run_id(run)} (3 announced so far); Ctrl-C to stop"
     probe.wait_for(lambda: waiting in probe.text, timeout=900,
                    what="the waiting line")  # fmt: skip
     workers = [pid for pid, name in probe.seen.items() if name.startswith("python")]

@@ -128,15 +128,14 @@ def probe_here(args: argparse.Namespace, run, bus, run_id: str, child: bool) -> 
 
 
 def waiting_line(bus, run_id: str, args: argparse.Namespace) -> str:
+    """What the workers do when they have handled every checkpoint announced so far."""
     announced = bus.client.xlen(bus.checkpoints_key)
     until = (
         f"stops after {args.exit_when_idle:g} s without one"
         if args.exit_when_idle is not None
         else "Ctrl-C to stop"
     )
-    return (
-        f"waiting for checkpoints of {run_id} ({announced} announced so far, all handled); {until}"
-    )
+    return f"waiting for checkpoints of {run_id} ({announced} announced so far); {until}"
 
 
 def worker_argv(argv: list[str], consumer: str) -> list[str]:
