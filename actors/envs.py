@@ -194,8 +194,14 @@ class EnvConfig:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the init fields (``family`` and ``game`` are derived)."""
-        return dataclasses.asdict(self)
+        """A JSON-ready dict of the init fields (``family`` and ``game`` are derived), with the
+        options of this config's own family only: the other family's are always at their defaults
+        (``EnvConfig(**d)`` fills them in again, and a dict that lists them still loads)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.init and f.metadata.get("family") in (None, self.family)
+        } | {"options": dict(self.options)}
 
 
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}

@@ -102,11 +102,12 @@ class RolloutActor:
     def value(self, obs: np.ndarray) -> np.ndarray:
         return policy_values(self.policy, obs)
 
-    def rollout(self, num_steps: int, record_states: Iterable[int] = ()):
+    def rollout(self, num_steps: int, record_states: Iterable[int] = (), on_step=None):
         """Step every env ``num_steps`` times -> a ``Rollout`` with (T, N) arrays.
 
         ``record_states``: steps t at which the games' states (procgen ``get_state``, one bytes
-        object per env, matching ``obs[t]``) are kept in ``self.states[t]``.
+        object per env, matching ``obs[t]``) are kept in ``self.states[t]``. ``on_step(n)``, if
+        given, is called after each step with the n environment steps it took (progress bars).
         """
         from learner.rollout import RolloutBuilder
 
@@ -129,6 +130,8 @@ class RolloutActor:
             self.env_seconds += time.perf_counter() - t1
             self.inference_seconds += t1 - t0
             batch.record(t, actions, logp, values, reward, done, finished)
+            if on_step is not None:
+                on_step(n)
         t0 = time.perf_counter()
         last_value = self.value(self.obs)
         self.inference_seconds += time.perf_counter() - t0

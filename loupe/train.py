@@ -97,8 +97,12 @@ class TrainConfig:
     def envs_per_actor(self) -> int:
         return self.env.num_envs // max(self.actors, 1)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; ``env`` holds the options of its own family only (``EnvConfig.to_dict``)."""
+        return to_dict(self) | {"env": self.env.to_dict()}
+
     def save(self, path: Path) -> None:
-        save_json(path, to_dict(self))
+        save_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
@@ -181,7 +185,7 @@ class Trainer:
             "run_id": self.config.run_id,
             "version": self.version,
             "env": self.config.env.env_id,
-            "env_options": to_dict(self.config.env),
+            "env_options": self.config.env.to_dict(),
             "preset": self.config.preset,
         }
         path = save_checkpoint(
@@ -292,6 +296,20 @@ class Trainer:
             self.redis_server = None
 
     # -- main loop ---------------------------------------------------------------------------
+    @property
+    def batch_steps(self) -> int:
+        """Environment steps of one update: all envs x steps per env."""
+        return self.config.ppo.num_envs * self.config.ppo.num_steps
+
+    def planned_steps(self) -> int:
+        """The step training ends at: whole updates, so ``total_steps`` rounded up to a batch."""
+        return planned_end(self.learner.global_step, self.config.ppo.total_steps, self.batch_steps)
+
+    def rounding_note(self) -> str | None:
+        """One line when ``total_steps`` is not a whole number of updates, else None."""
+        ppo = self.config.ppo
+        return rounding_note(self.learner.global_step, ppo.total_steps, ppo.num_envs, ppo.num_steps)
+
     def weights(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy() for k, v in self.policy.state_dict().items()}
 
@@ -299,29 +317,50 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
+        from loupe import interrupt
+
         cfg = self.config
         total = cfg.ppo.total_steps
+        end = max(self.planned_steps(), self.learner.global_step)
         self.open_bus()
         writer = SummaryWriter(str(self.run.tb))
         bar = tqdm(
-            total=total,
-            initial=min(self.learner.global_step, total),
+            total=end,
+            initial=self.learner.global_step,
             unit="step",
             unit_scale=True,
             disable=not self.progress,
             dynamic_ncols=True,
         )
+        counted = 0  # steps of the current batch the bar has shown already
+
+        def tick(n: int) -> None:
+            nonlocal counted
+            counted += n
+            bar.update(n)
+
+        if hasattr(self.sampler, "on_step"):  # in-process sampling: the bar counts every step
+            self.sampler.on_step = tick
         last: dict[str, float] = {}
         updates_since_ckpt = 0
+        #: True while an update is half applied (a checkpoint then would mix two states)
+        torn = False
         self.sampler.start(self.weights(), self.version)
         try:
             while self.learner.global_step < total:
                 t0 = time.perf_counter()
+                counted = 0
                 rollout, sample_stats = self.sampler.collect()
                 t1 = time.perf_counter()
-                stats = self.learner.update(rollout)
-                self.version += 1
-                self.sampler.publish(self.weights(), self.version)
+                # a signal during the update is raised when it is complete, so that the
+                # checkpoint written on the way out holds whole updates only
+                with interrupt.deferred():
+                    torn = True
+                    stats = self.learner.update(rollout)
+                    self.version += 1
+                    updates_since_ckpt += 1
+                    torn = False
+                    self.sampler.publish(self.weights(), self.version)
                 t2 = time.perf_counter()
                 for ep in rollout.episodes:
                     self.returns.append(float(ep.ret))
@@ -337,10 +376,11 @@ class Trainer:
                     stats["mean_return_100"] = float(np.mean(self.returns))
                 for key, value in stats.items():
                     writer.add_scalar(f"train/{key}", value, self.learner.global_step)
-                bar.update(batch)
-                bar.set_postfix(
-                    ret=f"{stats.get('mean_return_100', float('nan')):.2f}",
-                    sps=f"{stats['steps_per_s']:.0f}",
+                bar.update(max(batch - counted, 0))
+                ret = stats.get("mean_return_100")
+                bar.set_postfix_str(
+                    ("no episode finished yet" if ret is None else f"ret={ret:.2f}")
+                    + f", sps={stats['steps_per_s']:.0f}",
                     refresh=False,
                 )
                 last = stats
@@ -348,18 +388,25 @@ class Trainer:
                     {"step": float(self.learner.global_step)}
                     | {k: stats[k] for k in HISTORY_KEYS if k in stats}
                 )
-                updates_since_ckpt += 1
                 if updates_since_ckpt >= cfg.checkpoint_every:
-                    path = self.checkpoint()
-                    updates_since_ckpt = 0
+                    with interrupt.deferred():
+                        path = self.checkpoint()
+                        updates_since_ckpt = 0
                     bar.write(f"checkpoint {path}")
         except KeyboardInterrupt:
-            bar.write("interrupted: writing a checkpoint before exit")
+            step = self.learner.global_step
+            if torn:  # only with a second signal, or without loupe's signal handlers
+                bar.write("interrupted inside an update: no checkpoint of it; the newest is kept")
+            elif updates_since_ckpt:
+                bar.write(f"interrupted: writing a checkpoint at step {step} before exit")
+            else:
+                bar.write(f"interrupted: nothing to checkpoint since step {step}")
             raise
         finally:
             # a dead data-parallel learner took its optimiser state along: keep the last checkpoint
-            if updates_since_ckpt and not getattr(self.learner, "broken", None):
-                path = self.checkpoint()
+            if updates_since_ckpt and not torn and not getattr(self.learner, "broken", None):
+                with interrupt.deferred():
+                    path = self.checkpoint()
                 bar.write(f"checkpoint {path}")
             bar.close()
             writer.close()
@@ -378,6 +425,26 @@ class Trainer:
         return last
 
 
+def planned_end(done: int, total: int, batch: int) -> int:
+    """The step a run at step ``done`` ends at when it trains whole updates of ``batch`` steps
+    until it has reached ``total``."""
+    return done + -(-max(total - done, 0) // batch) * batch
+
+
+def rounding_note(done: int, total: int, num_envs: int, num_steps: int) -> str | None:
+    """``--total-steps 8192 is rounded up to 16384 = 1 update of 64 envs x 256 steps``, or None
+    when ``total`` is reached exactly."""
+    end = planned_end(done, total, num_envs * num_steps)
+    if end in (total, done):
+        return None
+    updates = (end - done) // (num_envs * num_steps)
+    return (
+        f"--total-steps {total} is rounded up to {end} = {updates} update"
+        f"{'s' if updates != 1 else ''} of {num_envs} envs x {num_steps} steps"
+        + (f" from step {done}" if done else "")
+    )
+
+
 class InProcessSampler:
     """Samples with a RolloutActor in this process (one machine, no Ray)."""
 
@@ -385,6 +452,8 @@ class InProcessSampler:
         from actors.rollout import RolloutActor, RolloutConfig
 
         self.num_steps = config.ppo.num_steps
+        #: called with the number of environment steps after each step of a rollout
+        self.on_step = None
         self.actor = RolloutActor(
             RolloutConfig(
                 env=config.env,
@@ -401,7 +470,7 @@ class InProcessSampler:
 
     def collect(self):
         before = self.actor.timings()
-        rollout = self.actor.rollout(self.num_steps)
+        rollout = self.actor.rollout(self.num_steps, on_step=self.on_step)
         after = self.actor.timings()
         return rollout, {
             "env_s": after["env_seconds"] - before["env_seconds"],

@@ -325,6 +325,25 @@ class CheckpointBus:
             if cursor == "0-0":
                 return claimed
 
+    def touch(self, group: str, consumer: str, entry_id: str) -> None:
+        """Reset the idle time of an entry ``consumer`` is still working on, so that nobody
+        reclaims it as stale (XCLAIM to itself; the delivery count stays)."""
+        self.client.xclaim(self.checkpoints_key, group, consumer, 0, [entry_id], justid=True)
+
+    def caught_up(self, group: str) -> bool:
+        """True when ``group`` has read every entry of the stream and acknowledged them all."""
+        import redis
+
+        try:
+            last = self.client.xinfo_stream(self.checkpoints_key)["last-generated-id"]
+            groups = {g["name"]: g for g in self.client.xinfo_groups(self.checkpoints_key)}
+        except redis.exceptions.ResponseError:  # no stream yet: nothing announced
+            return True
+        info = groups.get(group)
+        if info is None:
+            return False
+        return info["last-delivered-id"] == last and int(info["pending"]) == 0
+
     def pending(self, group: str) -> int:
         """Entries of the group read but not yet acknowledged."""
         return int(self.client.xpending(self.checkpoints_key, group)["pending"])

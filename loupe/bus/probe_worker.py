@@ -4,15 +4,23 @@ Workers of one suite share a consumer group, so each checkpoint goes to one of t
 handled at most once per suite: its result is published and marked done in one atomic step (a Redis
 script), and a worker that finds the mark only acknowledges. A worker that dies mid-checkpoint leaves
 its entry pending; the others reclaim it with XAUTOCLAIM once it has been idle ``claim_idle_ms``.
+A worker that is still busy with a checkpoint renews its claim every ``claim_idle_ms / 4``, so that a
+slow probe is never taken over while it runs.
+
+Several workers of one command share the run's Redis, which their parent process starts (or finds)
+once: the parent hands its URL to the workers in ``$LOUPE_PROBE_REDIS`` and they only connect.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +28,11 @@ from loupe.config import load_json
 from loupe.errors import LoupeError
 
 log = logging.getLogger("loupe.probe")
+
+#: environment of a worker process started by a parent: the Redis URL to connect to (never start
+#: a server), and the parent's pid (the worker stops when its parent is gone)
+PARENT_REDIS_ENV = "LOUPE_PROBE_REDIS"
+PARENT_PID_ENV = "LOUPE_PROBE_PARENT"
 
 
 @dataclasses.dataclass
@@ -72,7 +85,8 @@ class ProbeWorker:
         started = time.time()
         latency = started - ann.announced if ann.announced else None
         try:
-            summary = self._summary(ann)
+            with self._keep_claimed(delivery.entry_id):
+                summary = self._summary(ann)
         except LoupeError as exc:
             reason = f"checkpoint at step {ann.step} ({ann.uri}) rejected: {exc}"
             log.error("%s", reason)
@@ -91,6 +105,29 @@ class ProbeWorker:
             self._log_scalars(ann.step, result["scalars"], latency)
         self.bus.ack(group, delivery.entry_id)
         return "done" if first else "skipped"
+
+    @contextlib.contextmanager
+    def _keep_claimed(self, entry_id: str) -> Iterator[None]:
+        """While the block runs, renew this consumer's claim on ``entry_id`` (see the module doc)."""
+        import redis
+
+        stop = threading.Event()
+        every = max(self.config.claim_idle_ms / 4000, 0.05)
+
+        def renew() -> None:
+            while not stop.wait(every):
+                try:
+                    self.bus.touch(self.config.group, self.config.consumer, entry_id)
+                except (redis.exceptions.RedisError, OSError) as exc:
+                    log.debug("renewing the claim on %s failed: %s", entry_id, exc)
+
+        thread = threading.Thread(target=renew, name=f"claim-{entry_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def _summary(self, ann) -> dict[str, Any]:
         from learner.checkpoint import load_checkpoint, resolve
@@ -120,22 +157,34 @@ class ProbeWorker:
         self.writer.flush()
 
     # -- the loop -----------------------------------------------------------------------------
-    def run(self) -> int:
-        """Follow the stream until idle or the checkpoint limit; returns checkpoints handled."""
+    def run(
+        self,
+        on_idle: Callable[[int], None] | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> int:
+        """Follow the stream until idle, the checkpoint limit or ``stop()``; returns checkpoints
+        handled. ``on_idle(handled)`` is called each time the worker runs out of work."""
         cfg = self.config
         self.bus.ensure_group(cfg.group)
         idle_since = time.monotonic()
+        busy = True
         try:
             while cfg.max_checkpoints is None or self.handled < cfg.max_checkpoints:
+                if stop is not None and stop():
+                    break
                 deliveries = self.bus.claim_stale(cfg.group, cfg.consumer, cfg.claim_idle_ms)
                 if not deliveries:
                     deliveries = self.bus.follow(cfg.group, cfg.consumer, block_ms=cfg.block_ms)
                 if not deliveries:
+                    if busy and on_idle is not None:
+                        on_idle(self.handled)
+                    busy = False
                     if cfg.exit_when_idle is not None and (
                         time.monotonic() - idle_since > cfg.exit_when_idle
                     ):
                         break
                     continue
+                busy = True
                 for delivery in deliveries:
                     outcome = self.handle(delivery)
                     log.info("%s entry %s: %s", cfg.consumer, delivery.entry_id, outcome)

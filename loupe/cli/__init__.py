@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shlex
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
+from loupe import interrupt
 from loupe.cli.args import (
     SEED_MAX,
     Parser,
@@ -233,16 +235,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = RunDir(config.run_dir)
         run.check_new()
         trainer = Trainer(config, progress=not args.no_progress)  # validates env and policy
-        run.create()
-        config.save(run.config_path)
+        with interrupt.deferred():  # a run directory always holds its config
+            run.create()
+            config.save(run.config_path)
+    interrupt.resume_hint = "loupe " + shlex.join(
+        ["train", "--resume", str(run.path)]
+        + (["--total-steps", str(args.total_steps)] if args.resume and args.total_steps else [])
+    )
     print(
         f"run {config.run_id}: {config.env.env_id}, policy {config.policy}, "
         f"preset {config.preset}, {config.ppo.total_steps} steps -> {run.path}"
     )
+    note = trainer.rounding_note()
+    if note:
+        print(note)
     stats = trainer.train()
     print(f"done at step {trainer.learner.global_step}; checkpoints in {run.checkpoints}")
     if "mean_return_100" in stats:
         print(f"mean return over the last 100 episodes: {stats['mean_return_100']:.3f}")
+    else:
+        print("mean return: no episode finished yet")
     return 0
 
 
@@ -352,19 +364,26 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    try:
-        return int(args.func(args) or 0)
-    except LoupeError as exc:
-        print(f"loupe: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("loupe: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a defect in loupe: one line, the traceback only with -v
-        if args.verbose:
-            traceback.print_exc()
-        print(f"loupe: internal error: {internal_error_line(exc)}", file=sys.stderr)
-        return 1
+    interrupt.reset()
+    if args.command in RESUMABLE:  # the same command continues; a command may say otherwise
+        interrupt.resume_hint = "loupe " + shlex.join(sys.argv[1:] if argv is None else argv)
+    with interrupt.handlers():  # SIGTERM takes the path of Ctrl-C: cleanup runs, then one line
+        try:
+            try:
+                status = int(args.func(args) or 0)
+            finally:
+                stop_local_ray()
+        except LoupeError as exc:
+            print(f"loupe: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as exc:
+            return interrupted(exc)
+        except Exception as exc:  # a defect in loupe: one line, the traceback only with -v
+            if args.verbose:
+                traceback.print_exc()
+            print(f"loupe: internal error: {internal_error_line(exc)}", file=sys.stderr)
+            return 1
+    return status
 
 
 def internal_error_line(exc: BaseException) -> str:
@@ -376,6 +395,28 @@ def internal_error_line(exc: BaseException) -> str:
         f"{type(exc).__name__}: {text}{where}. This is a defect in loupe: please report it with "
         "the command line and the output of the same command run with `loupe -v`"
     )
+
+
+def stop_local_ray() -> None:
+    """Shut down the Ray this process started or joined (its raylet and GCS end with it)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+#: commands whose interruption can be resumed by running the same command again
+RESUMABLE = ("train", "probe", "evaluate", "study")
+
+
+def interrupted(exc: KeyboardInterrupt) -> int:
+    """One line for a SIGINT or SIGTERM that stopped the command -> exit status 128 + signal."""
+    if not isinstance(exc, interrupt.Interrupted):
+        exc = interrupt.Interrupted()
+    hint = interrupt.resume_hint
+    if hint != "":  # "": a worker process of a command that speaks for it
+        resume = f"; to resume: {hint}" if hint else ""
+        print(f"loupe: interrupted ({exc.name}){resume}", file=sys.stderr, flush=True)
+    return exc.exit_status
 
 
 if __name__ == "__main__":

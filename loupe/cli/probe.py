@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -94,19 +95,40 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def follow_run(args: argparse.Namespace) -> int:
-    from loupe.bus import CheckpointBus
-    from loupe.bus.probe_worker import ProbeWorker, WorkerConfig, connect_run
+    """Follow a run with one worker here, or start --workers worker processes; either way the
+    run's Redis is started (or found) once, here, and stopped on the way out if it was started."""
+    from loupe import interrupt
+    from loupe.bus import CheckpointBus, connect
+    from loupe.bus.probe_worker import PARENT_REDIS_ENV, connect_run
+    from loupe.bus.redis_server import saved_url
     from loupe.rundir import RunDir
 
     run = RunDir(args.run)
     run.require_run()
     if args.workers <= 0:
         raise LoupeError("--workers must be positive")
-    if args.workers > 1:
-        return spawn_workers(args)
-    client, server = connect_run(run.path, args.redis)
     config = load_json(run.config_path)
+    parent_url = os.environ.get(PARENT_REDIS_ENV)
+    if parent_url:  # a worker process of `--workers M`: its parent owns the server
+        interrupt.resume_hint = ""  # the parent says how to resume
+        client, server, url = connect(parent_url), None, parent_url
+    else:
+        client, server = connect_run(run.path, args.redis)
+        url = args.redis or (server.url if server else saved_url(run.redis))
     bus = CheckpointBus(client, config["run_id"])
+    try:
+        if args.workers > 1:
+            return spawn_workers(args, bus, url)
+        return probe_here(args, run, bus, config["run_id"], child=bool(parent_url))
+    finally:
+        client.close()
+        if server is not None:
+            server.stop()
+
+
+def probe_here(args: argparse.Namespace, run, bus, run_id: str, child: bool) -> int:
+    from loupe.bus.probe_worker import PARENT_PID_ENV, ProbeWorker, WorkerConfig
+
     worker_cfg = WorkerConfig(
         group=args.group,
         claim_idle_ms=args.claim_idle_ms,
@@ -115,26 +137,93 @@ def follow_run(args: argparse.Namespace) -> int:
     )
     if args.consumer:
         worker_cfg.consumer = args.consumer
-    try:
-        handled = ProbeWorker(bus, run.path, worker_cfg, probe_config(args)).run()
-    finally:
-        if server is not None:
-            server.stop()
-    print(f"{worker_cfg.consumer}: probed {handled} checkpoint(s) of {config['run_id']}")
+    stop = None
+    if child:  # stop with the parent, even when it was killed outright
+        parent = int(os.environ.get(PARENT_PID_ENV) or os.getppid())
+        stop = lambda: os.getppid() != parent  # noqa: E731
+    worker = ProbeWorker(bus, run.path, worker_cfg, probe_config(args))
+    handled = worker.run(
+        on_idle=None if child else (lambda n: print(waiting_line(bus, run_id, args), flush=True)),
+        stop=stop,
+    )
+    print(f"{worker_cfg.consumer}: probed {handled} checkpoint(s) of {run_id}", flush=True)
     return 0
 
 
-def spawn_workers(args: argparse.Namespace) -> int:
-    """M worker processes in one consumer group; waits for all of them."""
-    argv = [a for a in sys.argv[1:]]
-    i = argv.index("--workers")
-    argv[i + 1] = "1"
+def waiting_line(bus, run_id: str, args: argparse.Namespace) -> str:
+    """What the workers do when they have handled every checkpoint announced so far."""
+    announced = bus.client.xlen(bus.checkpoints_key)
+    until = (
+        f"stops after {args.exit_when_idle:g} s without one"
+        if args.exit_when_idle is not None
+        else "Ctrl-C to stop"
+    )
+    return f"waiting for checkpoints of {run_id} ({announced} announced so far); {until}"
+
+
+def worker_argv(argv: list[str], consumer: str) -> list[str]:
+    """The command line of one worker: --workers 1, its own --consumer, no --redis (the URL
+    travels in the environment, not where `ps` shows it)."""
+    out: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if name in ("--workers", "--consumer", "--redis"):
+            skip = "=" not in item
+            continue
+        out.append(item)
+    return [*out, "--workers", "1", "--consumer", consumer]
+
+
+def spawn_workers(args: argparse.Namespace, bus, url: str) -> int:
+    """M worker processes in one consumer group, connected to ``url``; waits for all of them,
+    saying when they have caught up with the stream. Interrupted: stops them, then returns."""
+    import signal
+    import time
+
+    import redis
+
+    from loupe.bus.probe_worker import PARENT_PID_ENV, PARENT_REDIS_ENV
+
+    env = dict(os.environ, **{PARENT_REDIS_ENV: url, PARENT_PID_ENV: str(os.getpid())})
+    argv = sys.argv[1:]
     procs = [
-        subprocess.Popen([sys.executable, "-m", "loupe.cli", *argv, "--consumer", f"worker-{k}"])
+        subprocess.Popen(
+            [sys.executable, "-m", "loupe.cli", *worker_argv(argv, f"worker-{k}")], env=env
+        )
         for k in range(args.workers)
     ]
-    codes = [p.wait() for p in procs]
-    return max(codes)
+    pids = ", ".join(str(p.pid) for p in procs)
+    print(
+        f"{args.workers} probe workers (pids {pids}) follow {bus.run_id}; each checkpoint is "
+        "probed once",
+        flush=True,
+    )
+    try:
+        idle = False
+        while any(p.poll() is None for p in procs):
+            try:
+                caught_up = bus.caught_up(args.group)
+            except (redis.exceptions.RedisError, OSError):
+                caught_up = False  # the workers report a lost server themselves
+            if caught_up and not idle:
+                print(waiting_line(bus, bus.run_id, args), flush=True)
+            idle = caught_up
+            time.sleep(1.0)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    return max(p.returncode for p in procs)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from loupe import interrupt
 from loupe.errors import LoupeError
 
 log = logging.getLogger("loupe.distributed")
@@ -59,6 +60,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
             f"cannot reach Ray at {address!r} ({first}); start one with `ray start --head` "
             "or leave out --ray-address for a local Ray"
         ) from None
+    interrupt.rearm()  # SIGTERM again takes loupe's path (checkpoint, cleanup), not Ray's abort
 
 
 def _quiet_logger(name: str, text: str) -> None:
