@@ -26,7 +26,7 @@ def register(sub) -> None:
                    help="with --gpu: the device, cpu only with --quick (default: cuda)")  # fmt: skip
     p.add_argument("--quick", action="store_true",
                    help="with --gpu: tiny sizes, a dry run (default: off)")  # fmt: skip
-    p.add_argument("--budget-s", type=float, default=360.0,
+    p.add_argument("--budget-s", type=float_range(0.0, 86_400.0, lo_open=True), default=360.0,
                    help="with --gpu: seconds the benchmark may take; parts that do not fit are "
                    "skipped")  # fmt: skip
     p.set_defaults(func=cmd_bench)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from loupe.cli.args import SEED_MAX, int_range, path_arg
 from loupe.errors import LoupeError
 
 #: the shipped CoinRun agent's training settings, used by ``--train``
@@ -26,25 +27,44 @@ def register(sub) -> None:
         "evaluate against invisible-hazard controls",
     )
     src = e.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a CoinRun checkpoint (.json) to study")
+    src.add_argument("--checkpoint", type=path_arg, help="a CoinRun checkpoint (.json) to study")
     src.add_argument("--train", action="store_true",
                      help="train the shipped agent's settings in OUT/train first (resumes)")  # fmt: skip
-    e.add_argument("--total-steps", type=int, default=25_000_000,
+    e.add_argument("--total-steps", type=int_range(1), default=25_000_000,
                    help="with --train: environment steps (default: 25000000)")  # fmt: skip
-    e.add_argument("--out", required=True, help="study directory (resumable)")
-    e.add_argument("--levels", type=int, default=10_000, help="levels per model (default: 10000)")
-    e.add_argument("--start-level", type=int, default=100_000,
-                   help="first level seed of the evaluation (default: 100000)")  # fmt: skip
-    e.add_argument("--workers", type=int, default=2, help="Ray evaluators (default: 2)")
-    e.add_argument("--probe-envs", type=int, default=8, help="probe environments (default: 8)")
+    e.add_argument("--out", type=path_arg, required=True, help="study directory (resumable)")
     e.add_argument(
-        "--probe-steps", type=int, default=128, help="probe steps per env (default: 128)"
+        "--levels",
+        type=int_range(1, 10_000_000),
+        default=10_000,
+        help="levels per model (default: 10000)",
     )
-    e.add_argument("--ig-samples", type=int, default=256,
+    e.add_argument("--start-level", type=int_range(0, SEED_MAX), default=100_000,
+                   help="first level seed of the evaluation (default: 100000)")  # fmt: skip
+    e.add_argument(
+        "--workers", type=int_range(0, 4096), default=2, help="Ray evaluators (default: 2)"
+    )
+    e.add_argument(
+        "--probe-envs", type=int_range(1, 4096), default=8, help="probe environments (default: 8)"
+    )
+    e.add_argument(
+        "--probe-steps",
+        type=int_range(1, 100_000),
+        default=128,
+        help="probe steps per env (default: 128)",
+    )
+    e.add_argument("--ig-samples", type=int_range(1, 1_000_000), default=256,
                    help="frames attributed for the NMF and the labels (default: 256)")  # fmt: skip
-    e.add_argument("--nmf-components", type=int, default=8, help="NMF features (default: 8)")
-    e.add_argument("--seed", type=int, default=0, help="probe and evaluation seed (default: 0)")
-    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.add_argument(
+        "--nmf-components", type=int_range(1, 1024), default=8, help="NMF features (default: 8)"
+    )
+    e.add_argument(
+        "--seed",
+        type=int_range(0, SEED_MAX),
+        default=0,
+        help="probe and evaluation seed (default: 0)",
+    )
+    e.add_argument("--no-progress", action="store_true", help="no progress bars (default: bars)")
     e.set_defaults(func=cmd_study_edits)
 
 
@@ -81,9 +101,10 @@ def _train(args: argparse.Namespace) -> str:
 
 
 def cmd_study_edits(args: argparse.Namespace) -> int:
+    from learner.checkpoint import find_checkpoint
     from loupe.study import EditStudy, StudyConfig
 
-    checkpoint = _train(args) if args.train else args.checkpoint
+    checkpoint = _train(args) if args.train else str(find_checkpoint(args.checkpoint))
     config = StudyConfig(
         checkpoint=checkpoint,
         out=args.out,
