@@ -7,7 +7,12 @@ the design (SPEC 3) are recorded next to the measurement so a reader sees the ga
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import platform
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -189,6 +194,8 @@ class BenchConfig:
     seconds: float = 3.0
     #: timed PPO updates per training measurement (after one warm-up update)
     updates: int = 3
+    #: alternation rounds of the on/off lever measurements
+    rounds: int = 2
 
 
 def run_benchmarks(config: BenchConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -350,4 +357,102 @@ def bench_evaluate(opts: dict[str, Any]) -> dict[str, Any]:
                 stats["levels_per_s"] / out["sequential_levels_per_s"]
             )
     out["target"] = ">= 20x a one-env sequential loop (on 16 cores + GPU)"
+    return out
+
+
+#: the update levers measured one at a time on top of the previous ones (each a PPOConfig change)
+UPDATE_LEVERS: list[tuple[str, dict[str, Any]]] = [
+    ("baseline", dict(precision="fp32", micro_batch=0, reuse_buffers=False, malloc_tuning=False)),
+    ("+malloc_tuning", dict(precision="fp32", micro_batch=0, reuse_buffers=False)),
+    ("+reuse_buffers", dict(precision="fp32", micro_batch=0)),
+    ("+micro_batch_256", dict(precision="fp32")),
+    ("+bf16 (default)", dict()),
+    ("+channels_last", dict(channels_last=True)),
+    ("default, micro_batch_512", dict(micro_batch=512)),
+]
+
+
+def update_step_worker(
+    policy: str, overrides: dict[str, Any], minibatch: int, steps: int
+) -> dict[str, Any]:
+    """Adam steps/s of PPOLearner on one synthetic CoinRun minibatch of ``minibatch`` samples
+    (procgen preset, IMPALA CNN), with user/system CPU seconds of the timed steps."""
+    from attention import build_policy
+    from learner import PPOConfig, PPOLearner, Rollout
+
+    torch.manual_seed(0)
+    t, n = minibatch // 64, 64
+    cfg = PPOConfig.preset(
+        "procgen", num_envs=n, num_steps=t, num_minibatches=1, update_epochs=1, **overrides
+    )
+    learner = PPOLearner(build_policy(policy, (3, 64, 64), 15), cfg)
+    rng = np.random.default_rng(0)
+    rollout = Rollout(
+        obs=rng.integers(0, 256, (t, n, 3, 64, 64), dtype=np.uint8),
+        actions=rng.integers(0, 15, (t, n)),
+        logprobs=np.full((t, n), -np.log(15), np.float32),
+        values=rng.normal(size=(t, n)).astype(np.float32),
+        rewards=rng.normal(size=(t, n)).astype(np.float32),
+        dones=rng.random((t, n)) < 0.01,
+        last_obs=np.zeros((n, 3, 64, 64), np.uint8),
+        last_value=np.zeros(n, np.float32),
+        level_seeds=np.full((t, n), -1),
+    )
+    learner.update(rollout)  # warm-up (and compile, if asked)
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(steps):
+        learner.update(rollout)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "samples_per_s": steps * minibatch / wall,
+        "wall_s": wall,
+        "user_s": r1.ru_utime - r0.ru_utime,
+        "system_s": r1.ru_stime - r0.ru_stime,
+        "precision": learner.precision,
+    }
+
+
+def _in_subprocess(fn: str, **kwargs) -> dict[str, Any]:
+    """``loupe.bench.<fn>(**kwargs)`` in a fresh interpreter (malloc settings are per process)."""
+    code = (
+        "import json, sys; import loupe.bench as b; "
+        f"print(json.dumps(b.{fn}(**json.loads(sys.argv[1]))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(kwargs)],
+        capture_output=True, text=True, env=os.environ.copy(), check=False,
+    )  # fmt: skip
+    if proc.returncode:
+        raise RuntimeError(f"benchmark worker failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@benchmark("update")
+def bench_update(opts: dict[str, Any]) -> dict[str, Any]:
+    """PPO update levers on and off (IMPALA, minibatch 2048 as in the procgen preset).
+
+    Each lever is added to the previous ones; every configuration runs in its own process, and
+    the list is run ``rounds`` times in alternation (A B C ... A B C ...) so load from other work
+    on the machine spreads over all of them. Reported: the median samples/s over rounds.
+    """
+    minibatch, steps, rounds = opts.get("minibatch", 2048), opts.get("steps", 2), opts["rounds"]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in UPDATE_LEVERS}
+    for _ in range(rounds):
+        for name, overrides in UPDATE_LEVERS:
+            runs[name].append(_in_subprocess(
+                "update_step_worker", policy="impala", overrides=overrides,
+                minibatch=minibatch, steps=steps))  # fmt: skip
+    out: dict[str, Any] = {"policy": "impala", "minibatch": minibatch, "steps": steps}
+    base = float(np.median([r["samples_per_s"] for r in runs["baseline"]]))
+    for name, _ in UPDATE_LEVERS:
+        sps = float(np.median([r["samples_per_s"] for r in runs[name]]))
+        out[name] = {
+            "samples_per_s": sps,
+            "vs_baseline": sps / base,
+            "user_s_per_step": float(np.median([r["user_s"] for r in runs[name]])) / steps,
+            "system_s_per_step": float(np.median([r["system_s"] for r in runs[name]])) / steps,
+            "precision": runs[name][0]["precision"],
+            "rounds": [r["samples_per_s"] for r in runs[name]],
+        }
     return out

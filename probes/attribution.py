@@ -7,18 +7,26 @@ logits (never the softmax) and action groups (sums of logits). Every target is a
 the head's output vector [value, logit_0, ..., logit_{A-1}], so one forward pass over the n scaled
 copies and one batched backward give all of them.
 
+Where the layer's only reader is a Conv2d/Linear L(a) = W a + b (``policy.next_layer``), that
+first op is taken out of the n-fold work: L(alpha a) = alpha W a + b is formed from one W a, the
+backward stops at L's output, and W^T is applied once to the gradients summed over the steps
+(sum_alpha W^T g_alpha = W^T sum_alpha g_alpha). The result is the same sum, in other order.
+
     ig = IntegratedGradients(policy, "2b", n_steps=10)
     res = ig.attribute(obs, targets="all")      # res.attributions: (K, N, *layer_shape)
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from loupe.errors import LoupeError
 
@@ -104,6 +112,10 @@ def head_outputs(policy, layer: str, activation: torch.Tensor, weights: torch.Te
 class IntegratedGradients:
     """Hidden-layer integrated gradients with a zero-activation baseline."""
 
+    #: with chunk_size None, steps per chunk are chosen so one chunk's K x gradient tensor stays
+    #: under this many bytes
+    memory_budget: int = 256 * 2**20
+
     def __init__(self, policy, layer: str, n_steps: int = 10, chunk_size: int | None = None):
         if layer != "input" and layer not in policy.layer_names:
             raise LoupeError(
@@ -117,7 +129,12 @@ class IntegratedGradients:
         self.policy = policy
         self.layer = layer
         self.n_steps = n_steps
-        self.chunk_size = chunk_size or n_steps
+        self.chunk_size = chunk_size
+
+    def _chunk(self, per_step_bytes: int) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return max(1, min(self.n_steps, self.memory_budget // max(per_step_bytes, 1)))
 
     def attribute(self, obs: torch.Tensor, targets="all") -> Attribution:
         policy = self.policy
@@ -128,21 +145,92 @@ class IntegratedGradients:
         with torch.no_grad():
             a = policy.forward_to(obs, self.layer)  # (N, *s)
         n, k = self.n_steps, len(names)
-        grad_sum = torch.zeros((k, *a.shape), dtype=a.dtype, device=a.device)
-        for start in range(0, n, self.chunk_size):
-            stop = min(start + self.chunk_size, n)
-            alphas = torch.arange(start + 1, stop + 1, dtype=a.dtype, device=a.device) / n
-            scaled = (alphas.view(-1, *[1] * a.dim()) * a).reshape(-1, *a.shape[1:])
-            scaled.requires_grad_(True)  # (c*N, *s)
-            y = head_outputs(policy, self.layer, scaled, weights)  # (c*N, K)
-            grads = batched_grads(y, scaled)  # (K, c*N, *s)
-            grad_sum += grads.reshape(k, len(alphas), *a.shape).sum(1)
+        consumer = self._sole_linear_reader(a)
+        if consumer is not None:
+            grad_sum = self._grads_through(consumer, a, weights, k)
+        else:
+            grad_sum = torch.zeros((k, *a.shape), dtype=a.dtype, device=a.device)
+            chunk = self._chunk(k * a.numel() * a.element_size())
+            for start in range(0, n, chunk):
+                alphas = self._alphas(start, min(start + chunk, n), a)
+                scaled = (alphas.view(-1, *[1] * a.dim()) * a).reshape(-1, *a.shape[1:])
+                scaled.requires_grad_(True)  # (c*N, *s)
+                y = head_outputs(policy, self.layer, scaled, weights)  # (c*N, K)
+                grads = batched_grads(y, scaled)  # (K, c*N, *s)
+                grad_sum += grads.reshape(k, len(alphas), *a.shape).sum(1)
         attr = a.unsqueeze(0) * grad_sum / n  # (K, N, *s)
         with torch.no_grad():
             f_a = head_outputs(policy, self.layer, a, weights)  # (N, K)
             f_0 = head_outputs(policy, self.layer, torch.zeros_like(a), weights)
         delta = attr.flatten(2).sum(-1) - (f_a - f_0).T
         return Attribution(names, attr.detach(), a, delta.detach(), self.layer)
+
+    def _alphas(self, start: int, stop: int, a: torch.Tensor) -> torch.Tensor:
+        return torch.arange(start + 1, stop + 1, dtype=a.dtype, device=a.device) / self.n_steps
+
+    def _sole_linear_reader(self, a: torch.Tensor) -> nn.Conv2d | nn.Linear | None:
+        """The Conv2d/Linear that is the layer's only reader, checked on one sample: it receives
+        the activation unchanged, is called once, and no gradient reaches the activation past it.
+        None where any of that fails (then every op runs on the n scaled copies)."""
+        try:
+            m = self.policy.next_layer(self.layer)
+        except (LoupeError, AttributeError):
+            return None
+        if type(m) not in (nn.Conv2d, nn.Linear):
+            return None
+        x = a[:1].clone().requires_grad_(True)
+        z = m(x.flatten(1) if isinstance(m, nn.Linear) else x).detach().requires_grad_(True)
+        seen: list[bool] = []
+
+        def forward(inp: torch.Tensor) -> torch.Tensor:
+            want = x.flatten(1) if isinstance(m, nn.Linear) else x
+            seen.append(inp.shape == want.shape and torch.equal(inp, want))
+            return z
+
+        with torch.enable_grad(), _forward_replaced(m, forward):
+            logits, value = self.policy.forward_from(self.layer, x)
+        if seen != [True]:
+            return None
+        gx, gz = torch.autograd.grad(
+            logits.sum() + value.sum(), (x, z), allow_unused=True, materialize_grads=False
+        )
+        return m if (gx is None or not gx.any()) and gz is not None else None
+
+    def _grads_through(
+        self, m: nn.Conv2d | nn.Linear, a: torch.Tensor, weights: torch.Tensor, k: int
+    ) -> torch.Tensor:
+        """sum over the n steps of grad_a F(alpha a), F's first op L = m taken out of the loop."""
+        n, policy = self.n_steps, self.policy
+        linear: Callable[[torch.Tensor], torch.Tensor]
+        if isinstance(m, nn.Conv2d):
+            linear = lambda x: m._conv_forward(x, m.weight, None)  # noqa: E731
+        else:
+            linear = lambda x: F.linear(x.flatten(1), m.weight)  # noqa: E731
+        with torch.no_grad():
+            u = linear(a)  # (N, *z): W a
+        bias = (
+            torch.zeros((), dtype=u.dtype, device=u.device)
+            if m.bias is None
+            else m.bias.detach().view(1, -1, *[1] * (u.dim() - 2))
+        )
+        gz_sum = torch.zeros((k, *u.shape), dtype=u.dtype, device=u.device)
+        chunk = self._chunk(k * u.numel() * u.element_size())
+        for start in range(0, n, chunk):
+            alphas = self._alphas(start, min(start + chunk, n), a)
+            c = len(alphas)
+            with torch.no_grad():
+                scaled = (alphas.view(-1, *[1] * a.dim()) * a).reshape(-1, *a.shape[1:])
+                z = (alphas.view(-1, *[1] * u.dim()) * u + bias).reshape(-1, *u.shape[1:])
+            z.requires_grad_(True)  # (c*N, *z) = L(alpha a)
+            with _forward_replaced(m, lambda _inp, z=z: z):
+                y = head_outputs(policy, self.layer, scaled, weights)  # (c*N, K)
+            gz_sum += batched_grads(y, z).reshape(k, c, *u.shape).sum(1)
+        x = a.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad_sum,) = torch.autograd.grad(
+                linear(x), x, grad_outputs=gz_sum, is_grads_batched=True
+            )  # (K, N, *s): W^T applied once
+        return grad_sum
 
     def _input_gradient(self, obs, names, weights) -> Attribution:
         x = obs.float() / 255.0 if obs.dtype == torch.uint8 else obs.clone()
@@ -152,6 +240,16 @@ class IntegratedGradients:
         grads = batched_grads(y, x)
         nan = torch.full((len(names), x.shape[0]), float("nan"), device=x.device)
         return Attribution(names, grads.detach(), x.detach(), nan, "input")
+
+
+@contextlib.contextmanager
+def _forward_replaced(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor]):
+    """``module(x)`` calls ``forward(x)`` inside the block (an instance attribute, removed after)."""
+    module.forward = forward
+    try:
+        yield
+    finally:
+        del module.forward
 
 
 def batched_grads(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

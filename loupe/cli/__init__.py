@@ -67,8 +67,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proximal", choices=["auto", "behaviour", "learner"], default=None,
                    help="PPO ratio against the behaviour policy, the learner (decoupled PPO), or auto: "
                    "the learner when the batch is stale (default)")  # fmt: skip
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                   help="arithmetic of the PPO update: fp32 (default) or bf16 autocast")  # fmt: skip
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="arithmetic of the PPO update: auto (default: bf16 where it pays and the CPU "
+                   "has native bf16), fp32, or bf16 autocast")  # fmt: skip
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: local Ray)")
     p.add_argument("--redis", default=None, help="redis://... URL (default: private server)")
     p.add_argument("--no-announce", action="store_true", help="do not announce checkpoints")
