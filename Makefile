@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loupe-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup check lint format test test-all bench bench-placement demo clean
+.PHONY: setup check lint format test test-all bench bench-peer bench-placement demo clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,25 @@ test-all: setup
 bench: setup
 	$(VENV)/bin/loupe bench --out bench/results.json
 
+# loupe vs cleanrl's ppo_procgen.py at the same settings, alternated A B A B, plus IG vs Captum
+# (about 15 min on 2 cores); cleanrl lives in its own environment, PEER_VENV
+PEER_VENV ?= .venv-peer
+PEER_STAMP := $(PEER_VENV)/.peer-installed
+PEER_ARGS ?=
+
+# cleanrl 1.2.0 declares Python < 3.11 and pins wandb, stable-baselines3 and more that
+# ppo_procgen.py does not import: its own imports are installed, then cleanrl without them
+$(PEER_STAMP):
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet torch==2.13.0 gym==0.23.1 \
+		procgen-mirror==0.10.7 tensorboard "numpy<2"
+	$(PEER_VENV)/bin/python -m pip install --quiet --no-deps --ignore-requires-python cleanrl==1.2.0
+	touch $(PEER_STAMP)
+
+bench-peer: setup $(PEER_STAMP)
+	$(VENV)/bin/loupe bench --only peer --only ig_captum --peer-python $(PEER_VENV)/bin/python \
+		--out bench/peer.json $(PEER_ARGS)
+
 # actor (lag 1) vs central inference, 5 seeds x 160k CoinRun steps each, classic PPO; then the actor
 # placement again with decoupled PPO (about 70 min on 2 cores in all); resumable, finished runs are kept
 bench-placement: setup
@@ -50,4 +69,4 @@ demo: setup
 	$(VENV)/bin/loupe demo
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEER_VENV) runs .pytest_cache .ruff_cache

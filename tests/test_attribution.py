@@ -182,3 +182,34 @@ def test_benchmark_reports_times_and_agreement():
     assert res["ours_s"] > 0 and res["captum_s"] > 0
     assert res["ratio"] == pytest.approx(res["captum_s"] / res["ours_s"])
     assert res["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.unit
+def test_the_sole_linear_reader_is_found_only_where_it_is_the_only_path():
+    """impala s2 -> stage 3's conv and interpretable 2b -> conv3a are taken out of the step loop;
+    region c3n (also read by the gating) and impala s3 (read through a ReLU) are not."""
+    torch.manual_seed(0)
+    cases = [("impala", (3, 64, 64), "s2", True), ("interpretable", (3, 64, 64), "2b", True),
+             ("interpretable", (3, 64, 64), "4a", True), ("region", (4, 84, 84), "c3n", False),
+             ("impala", (3, 64, 64), "s3", False)]  # fmt: skip
+    for name, shape, layer, expected in cases:
+        policy = build_policy(name, shape, 5)
+        a = policy.forward_to(torch.rand(1, *shape), layer).detach()
+        found = IntegratedGradients(policy, layer)._sole_linear_reader(a)
+        assert (found is not None) is expected, (name, layer)
+        assert not hasattr(found, "__dict__") or "forward" not in vars(found or nn.Module())
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("layer", ["s1", "s2"])
+def test_float32_impala_matches_captum_to_1e_5(layer):
+    """The speed path in float32 on uint8 frames, every target, against 16 Captum calls."""
+    torch.manual_seed(3)
+    policy = build_policy("impala", (3, 64, 64), 15)
+    obs = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    res = IntegratedGradients(policy, layer, chunk_size=4).attribute(obs)
+    names, weights = target_matrix("all", 15)
+    a = policy.forward_to(obs, layer).detach()
+    for k in range(len(names)):
+        ref = captum_ig(policy, layer, a, weights, k)
+        assert float((res.attributions[k] - ref).abs().max()) <= 1e-5, names[k]
