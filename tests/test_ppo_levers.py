@@ -182,3 +182,24 @@ def test_malloc_tuning_applies_on_glibc():
 
     applied = ppo_mod.tune_malloc()
     assert applied is sys.platform.startswith("linux")
+
+
+@pytest.mark.integration
+def test_train_with_bf16_on_a_cpu_without_it_is_one_line_and_writes_nothing(
+    monkeypatch, tmp_path, capsys
+):
+    from loupe.cli import main
+
+    monkeypatch.setattr(ppo_mod, "cpu_bf16_feature", lambda: None)
+    run = tmp_path / "run"
+    rc = main(["train", "--env", "procgen:coinrun", "--policy", "impala", "--num-envs", "2",
+               "--num-steps", "8", "--minibatches", "2", "--total-steps", "16", "--precision",
+               "bf16", "--run-dir", str(run), "--no-announce", "--no-progress"])  # fmt: skip
+    # (gym's import prints its deprecation notice to stderr too: only loupe's lines are checked)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("loupe")]
+    assert rc == 2
+    assert err == [
+        "loupe: error: precision bf16 needs a CPU with AVX512-BF16 or AMX, and this one has "
+        "neither (see the flags in /proc/cpuinfo); use --precision fp32"
+    ]
+    assert not run.exists()
