@@ -204,6 +204,9 @@ class BenchConfig:
     peer_python: str = ".venv-peer/bin/python"
     #: CoinRun steps of each loupe and cleanrl training run in the peer comparison
     peer_steps: int = 32_768
+    #: envs x steps per env of the peer comparison's batches (train-procgen: 64 x 256)
+    peer_num_envs: int = 64
+    peer_num_steps: int = 256
     #: samples per minibatch and timed Adam steps of each update-lever measurement
     minibatch: int = 2048
     steps: int = 2
@@ -485,7 +488,7 @@ PEER_SETTINGS = dict(
 )  # fmt: skip
 
 
-def peer_loupe_worker(steps: int, run_dir: str) -> dict[str, Any]:
+def peer_loupe_worker(steps: int, run_dir: str, num_envs: int, num_steps: int) -> dict[str, Any]:
     """`loupe train` as a user runs it (same parser and config) -> steps/s of the training loop."""
     import argparse
 
@@ -498,7 +501,7 @@ def peer_loupe_worker(steps: int, run_dir: str) -> dict[str, Any]:
         "--env", "procgen:coinrun", "--policy", "impala", "--preset", "procgen",
         "--env-option", "num_levels=0", "--env-option", "distribution_mode=easy",
         "--device", "cpu", "--total-steps", str(steps), "--run-dir", run_dir, "--no-announce",
-        "--no-progress",
+        "--no-progress", "--num-envs", str(num_envs), "--num-steps", str(num_steps),
     ])  # fmt: skip
     config = build_train_config(args)
     trainer = Trainer(config, progress=False)
@@ -526,24 +529,26 @@ def _timed_child(cmd: list[str], cwd: str) -> tuple[subprocess.CompletedProcess,
     return proc, usage
 
 
-def run_loupe_peer(steps: int) -> dict[str, Any]:
+def run_loupe_peer(steps: int, num_envs: int, num_steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         code = (
             "import json, sys; import loupe.bench as b; "
-            "print(json.dumps(b.peer_loupe_worker(int(sys.argv[1]), sys.argv[2])))"
+            "print(json.dumps(b.peer_loupe_worker(int(sys.argv[1]), sys.argv[2], "
+            "int(sys.argv[3]), int(sys.argv[4]))))"
         )
-        proc, usage = _timed_child([sys.executable, "-c", code, str(steps), f"{tmp}/run"], tmp)
+        cmd = [sys.executable, "-c", code, str(steps), f"{tmp}/run", str(num_envs), str(num_steps)]
+        proc, usage = _timed_child(cmd, tmp)
     if proc.returncode:
         raise RuntimeError(f"loupe train failed:\n{proc.stderr[-3000:]}")
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), **usage}
 
 
-def run_cleanrl(python: str, steps: int) -> dict[str, Any]:
+def run_cleanrl(python: str, steps: int, num_envs: int, num_steps: int) -> dict[str, Any]:
     """cleanrl's ppo_procgen.py from the installed package; its SPS line (steps over the time
     since its training loop started) is the figure, start-up excluded as for loupe."""
     args = [
         python, "-m", "cleanrl.ppo_procgen", "--env-id", "coinrun", "--total-timesteps",
-        str(steps), "--num-envs", "64", "--num-steps", "256", "--num-minibatches", "8",
+        str(steps), "--num-envs", str(num_envs), "--num-steps", str(num_steps), "--num-minibatches", "8",
         "--update-epochs", "3", "--learning-rate", "5e-4", "--anneal-lr", "False", "--gamma",
         "0.999", "--gae-lambda", "0.95", "--clip-coef", "0.2", "--clip-vloss", "True",
         "--ent-coef", "0.01", "--vf-coef", "0.5", "--max-grad-norm", "0.5", "--norm-adv", "True",
@@ -570,14 +575,15 @@ def bench_peer(opts: dict[str, Any]) -> dict[str, Any]:
     if not Path(python).exists():
         raise LoupeError(f"no cleanrl environment at {python}; run `make bench-peer` to build it")
     steps, rounds = opts["peer_steps"], opts["rounds"]
+    shape = opts["peer_num_envs"], opts["peer_num_steps"]
     loupe_runs, cleanrl_runs = [], []
     for _ in range(rounds):
-        loupe_runs.append(run_loupe_peer(steps))
-        cleanrl_runs.append(run_cleanrl(python, steps))
+        loupe_runs.append(run_loupe_peer(steps, *shape))
+        cleanrl_runs.append(run_cleanrl(python, steps, *shape))
     lo = float(np.median([r["steps_per_s"] for r in loupe_runs]))
     cl = float(np.median([r["steps_per_s"] for r in cleanrl_runs]))
     return {
-        "settings": PEER_SETTINGS,
+        "settings": {**PEER_SETTINGS, "num_envs": shape[0], "num_steps": shape[1]},
         "steps_per_run": steps,
         "order": "loupe, cleanrl, loupe, cleanrl, ... (rounds alternations)",
         "startup": "excluded: each side's steps/s is steps over its training loop (loupe: the "

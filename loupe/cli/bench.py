@@ -17,6 +17,8 @@ def register(sub) -> None:
     p.add_argument("--peer-python", default=".venv-peer/bin/python",
                    help="python of the cleanrl environment (peer benchmark)")  # fmt: skip
     p.add_argument("--peer-steps", type=int, default=32_768, help="steps per peer training run")
+    p.add_argument("--peer-num-envs", type=int, default=64, help="envs of the peer runs")
+    p.add_argument("--peer-num-steps", type=int, default=256, help="steps per env per batch")
     p.add_argument("--minibatch", type=int, default=2048, help="samples per update-lever step")
     p.add_argument("--steps", type=int, default=2, help="timed Adam steps per update lever")
     p.set_defaults(func=cmd_bench)
@@ -35,6 +37,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             peer_python=args.peer_python,
             peer_steps=args.peer_steps,
             minibatch=args.minibatch,
+            peer_num_envs=args.peer_num_envs,
+            peer_num_steps=args.peer_num_steps,
             steps=args.steps,
         )  # fmt: skip
     )
