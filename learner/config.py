@@ -73,10 +73,12 @@ class PPOConfig:
     #: samples per forward/backward pass: each minibatch is processed in micro-batches of this
     #: size with gradients accumulated (advantages normalised over the whole minibatch), so the
     #: Adam step equals the unchunked one to float tolerance; 0 processes the minibatch at once
-    micro_batch: int = 256
-    #: run the update's convolutions in channels-last memory format
+    #: (the default: with malloc_tuning, chunks of 256 or 512 did not pay on a 2-core CPU)
+    micro_batch: int = 0
+    #: run the update's convolutions in channels-last memory format (off by default: the one
+    #: measurement on a busy machine favoured it, not yet confirmed)
     channels_last: bool = False
-    #: torch.compile the policy for the update (pays back only in long runs; see bench/profile.md)
+    #: torch.compile the policy for the update (not yet measured on CPU; off)
     compile: bool = False
     #: gather each minibatch into buffers allocated once per batch (no per-minibatch allocation)
     reuse_buffers: bool = True

@@ -381,10 +381,10 @@ UPDATE_LEVERS: list[tuple[str, dict[str, Any]]] = [
     ("baseline", dict(precision="fp32", micro_batch=0, reuse_buffers=False, malloc_tuning=False)),
     ("+malloc_tuning", dict(precision="fp32", micro_batch=0, reuse_buffers=False)),
     ("+reuse_buffers", dict(precision="fp32", micro_batch=0)),
-    ("+micro_batch_256", dict(precision="fp32")),
-    ("+bf16 (default)", dict()),
-    ("+channels_last", dict(channels_last=True)),
-    ("default, micro_batch_512", dict(micro_batch=512)),
+    ("+micro_batch_256", dict(precision="fp32", micro_batch=256)),
+    ("+bf16", dict(micro_batch=256)),
+    ("+channels_last", dict(micro_batch=256, channels_last=True)),
+    ("+bf16, micro_batch_512", dict(micro_batch=512)),
 ]
 
 
