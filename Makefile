@@ -40,7 +40,8 @@ bench: setup
 	$(VENV)/bin/loupe bench --out bench/results.json
 
 # loupe vs cleanrl's ppo_procgen.py at the same settings, alternated A B A B, plus IG vs Captum
-# (about 15 min on 2 cores); cleanrl lives in its own environment, PEER_VENV
+# (2 x 2 runs of 32,768 steps: roughly 15-20 min on an idle 2-core machine; PEER_ARGS="--peer-steps
+# 16384" halves it); cleanrl lives in its own environment, PEER_VENV
 PEER_VENV ?= .venv-peer
 PEER_STAMP := $(PEER_VENV)/.peer-installed
 PEER_ARGS ?=
