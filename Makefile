@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loupe-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup check lint format test test-all bench bench-gpu bench-placement demo protos clean
+.PHONY: setup check lint format test test-all bench bench-gpu bench-peer bench-placement demo protos clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,26 @@ bench: setup
 bench-gpu: setup
 	$(VENV)/bin/loupe bench --gpu --out bench/gpu.json
 
+# loupe vs cleanrl's ppo_procgen.py at the same settings, alternated A B A B, plus IG vs Captum
+# (2 x 2 runs of 32,768 steps: roughly 15-20 min on an idle 2-core machine; PEER_ARGS="--peer-steps
+# 16384" halves it); cleanrl lives in its own environment, PEER_VENV
+PEER_VENV ?= .venv-peer
+PEER_STAMP := $(PEER_VENV)/.peer-installed
+PEER_ARGS ?=
+
+# cleanrl 1.2.0 declares Python < 3.11 and pins wandb, stable-baselines3 and more that
+# ppo_procgen.py does not import: its own imports are installed, then cleanrl without them
+$(PEER_STAMP):
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet torch==2.13.0 gym==0.23.1 \
+		procgen-mirror==0.10.7 tensorboard "numpy<2"
+	$(PEER_VENV)/bin/python -m pip install --quiet --no-deps --ignore-requires-python cleanrl==1.2.0
+	touch $(PEER_STAMP)
+
+bench-peer: setup $(PEER_STAMP)
+	$(VENV)/bin/loupe bench --only peer --only ig_captum --peer-python $(PEER_VENV)/bin/python \
+		--out bench/peer.json $(PEER_ARGS)
+
 # actor (lag 1) vs central inference, 5 seeds x 160k CoinRun steps each, classic PPO; then the actor
 # placement again with decoupled PPO (about 70 min on 2 cores in all); resumable, finished runs are kept
 bench-placement: setup
@@ -64,4 +84,4 @@ protos: setup
 	$(PY) -m loupe.service.gen_protos
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEER_VENV) runs .pytest_cache .ruff_cache

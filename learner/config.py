@@ -65,9 +65,28 @@ class PPOConfig:
     #: agree when the batch was sampled with the learner's own weights (lag 0). "auto": "learner"
     #: for a batch sampled by older weights than the learner's, else "behaviour".
     proximal: str = "auto"
-    #: arithmetic of the update's forward and backward passes: "fp32", or "bf16" (autocast to
-    #: bfloat16; the loss, optimiser and master weights stay float32)
-    precision: str = "fp32"
+    #: arithmetic of the update's forward and backward passes: "fp32", "bf16" (autocast to
+    #: bfloat16; the loss, optimiser and master weights stay float32; refused on a CPU without
+    #: AVX512-BF16/AMX), or "auto": bf16 where it was measured to pay (the IMPALA CNN on a CPU with
+    #: native bf16), else fp32
+    precision: str = "auto"
+    #: samples per forward/backward pass: each minibatch is processed in micro-batches of this
+    #: size with gradients accumulated (advantages normalised over the whole minibatch), so the
+    #: Adam step equals the unchunked one to float tolerance; 0 processes the minibatch at once
+    #: (the default: with malloc_tuning, chunks of 256 or 512 did not pay on a 2-core CPU)
+    micro_batch: int = 0
+    #: run the update's convolutions in channels-last memory format (off by default: the one
+    #: measurement on a busy machine favoured it, not yet confirmed)
+    channels_last: bool = False
+    #: torch.compile the policy for the update (not yet measured on CPU; off)
+    compile: bool = False
+    #: gather each minibatch into buffers allocated once per batch (no per-minibatch allocation)
+    reuse_buffers: bool = True
+    #: at learner start, keep freed memory in the glibc heap (mallopt: no mmap for large blocks,
+    #: no trimming) so big activations do not page-fault afresh every minibatch
+    malloc_tuning: bool = True
+    #: torch intra-op threads for the learner (0: leave torch's setting)
+    num_threads: int = 0
     #: seed of the minibatch order (and, by the trainer, of torch and numpy)
     seed: int = 1
     # -- derived --------------------------------------------------------------------------------
@@ -105,8 +124,10 @@ class PPOConfig:
             raise LoupeError(
                 f"proximal must be 'auto', 'behaviour' or 'learner', got {self.proximal!r}"
             )
-        if self.precision not in ("fp32", "bf16"):
-            raise LoupeError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise LoupeError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        if self.micro_batch < 0 or self.num_threads < 0:
+            raise LoupeError("micro_batch and num_threads must be >= 0 (0: off / torch default)")
         if not 0 <= self.gae_lambda <= 1:
             raise LoupeError(f"gae_lambda must be in [0, 1], got {self.gae_lambda}")
         if self.reward_norm_gamma is not None and not 0 < self.reward_norm_gamma <= 1:

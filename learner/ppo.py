@@ -8,8 +8,13 @@ learner.load_state_dict(state)           # the next update is then identical
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
+import sys
 import warnings
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -112,6 +117,61 @@ def _float_output(out: Any) -> Any:
     return dataclasses.replace(out, **changes) if changes else out
 
 
+#: policies whose update was measured faster under bf16 autocast on a CPU with native bf16
+#: (bench/profile.md: IMPALA ~2x; the interpretable CNN did not gain)
+BF16_PAYS = frozenset({"impala"})
+
+
+@functools.cache
+def cpu_bf16_feature() -> str | None:
+    """The CPU feature that makes bf16 matrix maths native ("amx_bf16", "avx512_bf16"), or None."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
+    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
+
+
+def resolve_precision(precision: str, device: torch.device, policy_name: str) -> str:
+    """ "auto"/"fp32"/"bf16" -> the precision the update runs in, or a LoupeError for a bf16
+    request on a CPU without native bf16."""
+    if device.type != "cpu":
+        return "fp32" if precision == "auto" else precision
+    native = cpu_bf16_feature() is not None
+    if precision == "bf16" and not native:
+        raise LoupeError(
+            "precision bf16 needs a CPU with AVX512-BF16 or AMX, and this one has neither "
+            "(see the flags in /proc/cpuinfo); use --precision fp32"
+        )
+    if precision == "auto":
+        return "bf16" if native and policy_name in BF16_PAYS else "fp32"
+    return precision
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+@functools.cache
+def tune_malloc() -> bool:
+    """Keep freed memory in the glibc heap: no mmap for large blocks, no trimming -> applied?
+
+    Large activations are otherwise mmap'ed and unmapped every minibatch, and each fresh page
+    faults (the system time of an update). Once per process; a no-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 @dataclasses.dataclass
 class TrainState:
     """What a resumed run needs besides the weights: tensors plus JSON-ready metadata."""
@@ -148,7 +208,21 @@ class PPOLearner:
         #: batch, in one order for all parts: the minibatches N data-parallel learners see together
         self.shards = shards
         self.device = torch.device(device)
+        name = getattr(policy, "spec", {}).get("name", type(policy).__name__)
+        #: the precision the update runs in ("fp32" or "bf16"), ``cfg.precision`` resolved
+        self.precision = resolve_precision(cfg.precision, self.device, name)
+        if cfg.malloc_tuning and self.device.type == "cpu":
+            tune_malloc()
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
         self.policy = policy.to(self.device)
+        if cfg.channels_last:
+            self.policy.to(memory_format=torch.channels_last)
+        #: what the update calls: the policy, or its torch.compile'd wrapper
+        self.forward = torch.compile(self.policy) if cfg.compile else self.policy
+        self._buffers: dict[str, torch.Tensor] = {}
+        # the loss of one micro-batch: advantages arrive normalised over the whole minibatch
+        self._chunk_cfg = dataclasses.replace(cfg, norm_adv=False)
         self.optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # minibatch order only
         self.normalizer = (
@@ -239,7 +313,8 @@ class PPOLearner:
         out = []
         for start in range(0, obs.shape[0], self.cfg.minibatch_size):
             with self._autocast():
-                logits = self.policy(obs[start : start + self.cfg.minibatch_size]).logits.float()
+                x = self._input(obs[start : start + self.cfg.minibatch_size])
+                logits = self.forward(x).logits.float()
             logp = torch.log_softmax(logits, dim=-1)
             out.append(logp.gather(1, actions[start : start + len(logp), None]).squeeze(1))
         return torch.cat(out)
@@ -247,8 +322,14 @@ class PPOLearner:
     def _autocast(self) -> torch.autocast:
         """bfloat16 autocast on the learner's device when ``precision`` is "bf16", else a no-op."""
         return torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"
+            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
         )
+
+    def _input(self, obs: torch.Tensor) -> torch.Tensor:
+        """Observations in the memory format the update runs in."""
+        if self.cfg.channels_last and obs.dim() == 4:
+            return obs.contiguous(memory_format=torch.channels_last)
+        return obs
 
     def _epochs(
         self, obs: torch.Tensor, flat: dict[str, torch.Tensor], clip: float
@@ -260,7 +341,8 @@ class PPOLearner:
         self.policy.train()
         for _ in range(cfg.update_epochs):
             for idx in self._minibatch_order(batch).to(self.device):  # (b,) per minibatch
-                stats = self._step(obs[idx], {k: v[idx] for k, v in flat.items()}, clip)
+                mb_obs, mb = self._gather(obs, flat, idx)
+                stats = self._step(mb_obs, mb, clip)
                 for k, v in stats.items():
                     sums[k] = sums[k] + v if k in sums else v
                 count += 1
@@ -290,16 +372,52 @@ class PPOLearner:
         """Per-minibatch stat sums of this learner -> those of the whole batch (one learner: same)."""
         return sums
 
+    def _gather(
+        self, obs: torch.Tensor, flat: dict[str, torch.Tensor], idx: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The minibatch ``idx``: with ``reuse_buffers``, index_select into buffers kept between
+        minibatches (reallocated only when a shape or dtype changes)."""
+        if not self.cfg.reuse_buffers:
+            return obs[idx], {k: v[idx] for k, v in flat.items()}
+        out = {}
+        for key, src in (("obs", obs), *flat.items()):
+            shape = (len(idx), *src.shape[1:])
+            buf = self._buffers.get(key)
+            if buf is None or buf.shape != shape or buf.dtype != src.dtype:
+                buf = self._buffers[key] = torch.empty(shape, dtype=src.dtype, device=src.device)
+            out[key] = torch.index_select(src, 0, idx, out=buf)
+        return out.pop("obs"), out
+
     def _step(
         self, obs: torch.Tensor, mb: dict[str, torch.Tensor], clip: float
     ) -> dict[str, torch.Tensor]:
-        """One Adam step on one minibatch -> its detached stats."""
-        with self._autocast():
-            out = self.policy(obs)
-        moments = self._advantage_moments(mb["advantages"]) if self.cfg.norm_adv else None
-        loss, stats = ppo_loss(_float_output(out), mb, clip, self.cfg, moments)
+        """One Adam step on one minibatch -> its detached stats.
+
+        The minibatch goes through forward/backward in micro-batches of ``cfg.micro_batch``; each
+        micro-batch's mean loss is weighted by its share of the minibatch, so the accumulated
+        gradient and the stats equal those of one pass over the whole minibatch. Advantages are
+        normalised with the whole minibatch's moments (all learners' shares, when data-parallel).
+        """
+        b = obs.shape[0]
+        chunk = self.cfg.micro_batch or b
+        if self.cfg.norm_adv:
+            adv = mb["advantages"]
+            moments = self._advantage_moments(adv)
+            mean, std = (adv.mean(), adv.std()) if moments is None else moments
+            mb = {**mb, "advantages": (adv - mean) / (std + 1e-8)}
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        stats: dict[str, torch.Tensor] = {}
+        for start in range(0, b, chunk):
+            part = slice(start, min(start + chunk, b))
+            weight = (part.stop - part.start) / b
+            with self._autocast():
+                out = self.forward(self._input(obs[part]))
+            loss, part_stats = ppo_loss(
+                _float_output(out), {k: v[part] for k, v in mb.items()}, clip, self._chunk_cfg
+            )
+            (loss * weight if weight != 1 else loss).backward()
+            for k, v in part_stats.items():
+                stats[k] = stats[k] + v * weight if k in stats else v * weight
         self._reduce_gradients()
         stats["grad_norm"] = nn.utils.clip_grad_norm_(
             self.policy.parameters(), self.cfg.max_grad_norm

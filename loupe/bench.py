@@ -7,7 +7,12 @@ the design (SPEC 3) are recorded next to the measurement so a reader sees the ga
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import platform
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,11 +22,15 @@ import numpy as np
 import torch
 
 BENCHMARKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+#: benchmarks run only when named with --only (they need something set up first)
+ON_REQUEST: set[str] = set()
 
 
-def benchmark(name: str):
+def benchmark(name: str, on_request: bool = False):
     def register(fn):
         BENCHMARKS[name] = fn
+        if on_request:
+            ON_REQUEST.add(name)
         return fn
 
     return register
@@ -189,12 +198,26 @@ class BenchConfig:
     seconds: float = 3.0
     #: timed PPO updates per training measurement (after one warm-up update)
     updates: int = 3
+    #: alternation rounds of the on/off lever and peer measurements
+    rounds: int = 2
+    #: python of the virtual environment with cleanrl (``make bench-peer`` builds .venv-peer)
+    peer_python: str = ".venv-peer/bin/python"
+    #: CoinRun steps of each loupe and cleanrl training run in the peer comparison
+    peer_steps: int = 32_768
+    #: envs x steps per env of the peer comparison's batches (train-procgen: 64 x 256)
+    peer_num_envs: int = 64
+    peer_num_steps: int = 256
+    #: samples per minibatch and timed Adam steps of each update-lever measurement
+    minibatch: int = 2048
+    steps: int = 2
+    #: observations per IG comparison against Captum
+    ig_batches: tuple[int, ...] = (16, 64, 256)
 
 
 def run_benchmarks(config: BenchConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     from loupe.errors import LoupeError
 
-    names = list(config.only) or list(BENCHMARKS)
+    names = list(config.only) or [n for n in BENCHMARKS if n not in ON_REQUEST]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise LoupeError(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}")
@@ -602,3 +625,313 @@ def run_gpu_benchmarks(cfg: GpuBenchConfig, echo: Callable[[str], None] = print)
     results["bench_seconds"] = time.perf_counter() - start
     results["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return results
+
+
+#: the update levers measured one at a time on top of the previous ones (each a PPOConfig change)
+UPDATE_LEVERS: list[tuple[str, dict[str, Any]]] = [
+    ("baseline", dict(precision="fp32", micro_batch=0, reuse_buffers=False, malloc_tuning=False)),
+    ("+malloc_tuning", dict(precision="fp32", micro_batch=0, reuse_buffers=False)),
+    ("+reuse_buffers", dict(precision="fp32", micro_batch=0)),
+    ("+micro_batch_256", dict(precision="fp32", micro_batch=256)),
+    ("+bf16", dict(micro_batch=256)),
+    ("+channels_last", dict(micro_batch=256, channels_last=True)),
+    ("+bf16, micro_batch_512", dict(micro_batch=512)),
+]
+
+
+def update_step_worker(
+    policy: str, overrides: dict[str, Any], minibatch: int, steps: int
+) -> dict[str, Any]:
+    """Adam steps/s of PPOLearner on one synthetic CoinRun minibatch of ``minibatch`` samples
+    (procgen preset, IMPALA CNN), with user/system CPU seconds of the timed steps."""
+    from attention import build_policy
+    from learner import PPOConfig, PPOLearner, Rollout
+
+    torch.manual_seed(0)
+    t, n = minibatch // 64, 64
+    cfg = PPOConfig.preset(
+        "procgen", num_envs=n, num_steps=t, num_minibatches=1, update_epochs=1, **overrides
+    )
+    learner = PPOLearner(build_policy(policy, (3, 64, 64), 15), cfg)
+    rng = np.random.default_rng(0)
+    rollout = Rollout(
+        obs=rng.integers(0, 256, (t, n, 3, 64, 64), dtype=np.uint8),
+        actions=rng.integers(0, 15, (t, n)),
+        logprobs=np.full((t, n), -np.log(15), np.float32),
+        values=rng.normal(size=(t, n)).astype(np.float32),
+        rewards=rng.normal(size=(t, n)).astype(np.float32),
+        dones=rng.random((t, n)) < 0.01,
+        last_obs=np.zeros((n, 3, 64, 64), np.uint8),
+        last_value=np.zeros(n, np.float32),
+        level_seeds=np.full((t, n), -1),
+    )
+    learner.update(rollout)  # warm-up (and compile, if asked)
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(steps):
+        learner.update(rollout)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "samples_per_s": steps * minibatch / wall,
+        "wall_s": wall,
+        "user_s": r1.ru_utime - r0.ru_utime,
+        "system_s": r1.ru_stime - r0.ru_stime,
+        "precision": learner.precision,
+    }
+
+
+def _in_subprocess(fn: str, **kwargs) -> dict[str, Any]:
+    """``loupe.bench.<fn>(**kwargs)`` in a fresh interpreter (malloc settings are per process)."""
+    code = (
+        "import json, sys; import loupe.bench as b; "
+        f"print(json.dumps(b.{fn}(**json.loads(sys.argv[1]))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(kwargs)],
+        capture_output=True, text=True, env=os.environ.copy(), check=False,
+    )  # fmt: skip
+    if proc.returncode:
+        raise RuntimeError(f"benchmark worker failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@benchmark("update")
+def bench_update(opts: dict[str, Any]) -> dict[str, Any]:
+    """PPO update levers on and off (IMPALA, minibatch 2048 as in the procgen preset).
+
+    Each lever is added to the previous ones; every configuration runs in its own process, and
+    the list is run ``rounds`` times in alternation (A B C ... A B C ...) so load from other work
+    on the machine spreads over all of them. Reported: the median samples/s over rounds.
+    """
+    minibatch, steps, rounds = opts["minibatch"], opts["steps"], opts["rounds"]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in UPDATE_LEVERS}
+    for _ in range(rounds):
+        for name, overrides in UPDATE_LEVERS:
+            runs[name].append(_in_subprocess(
+                "update_step_worker", policy="impala", overrides=overrides,
+                minibatch=minibatch, steps=steps))  # fmt: skip
+    out: dict[str, Any] = {"policy": "impala", "minibatch": minibatch, "steps": steps}
+    base = float(np.median([r["samples_per_s"] for r in runs["baseline"]]))
+    for name, _ in UPDATE_LEVERS:
+        sps = float(np.median([r["samples_per_s"] for r in runs[name]]))
+        out[name] = {
+            "samples_per_s": sps,
+            "vs_baseline": sps / base,
+            "user_s_per_step": float(np.median([r["user_s"] for r in runs[name]])) / steps,
+            "system_s_per_step": float(np.median([r["system_s"] for r in runs[name]])) / steps,
+            "cpu_ms_per_sample": float(
+                np.median(
+                    [1000 * (r["user_s"] + r["system_s"]) / (steps * minibatch) for r in runs[name]]
+                )
+            ),  # fmt: skip
+            "precision": runs[name][0]["precision"],
+            "rounds": [r["samples_per_s"] for r in runs[name]],
+        }
+    return out
+
+
+#: the train-procgen settings both sides run with (cleanrl's ppo_procgen.py defaults, spelled out)
+PEER_SETTINGS = dict(
+    env="coinrun", num_envs=64, num_steps=256, num_minibatches=8, update_epochs=3, lr=5e-4,
+    anneal_lr=False, gamma=0.999, gae_lambda=0.95, clip_coef=0.2, clip_vloss=True, ent_coef=0.01,
+    vf_coef=0.5, max_grad_norm=0.5, norm_adv=True, network="IMPALA CNN 16,32,32 + fc 256",
+    levels="num_levels=0, distribution_mode=easy", device="cpu",
+)  # fmt: skip
+
+
+def peer_loupe_worker(steps: int, run_dir: str, num_envs: int, num_steps: int) -> dict[str, Any]:
+    """`loupe train` as a user runs it (same parser and config) -> steps/s of the training loop."""
+    import argparse
+
+    from loupe.cli import _train_parser, build_train_config
+    from loupe.rundir import RunDir
+    from loupe.train import Trainer
+
+    parser = argparse.ArgumentParser(parents=[_train_parser()])
+    args = parser.parse_args([
+        "--env", "procgen:coinrun", "--policy", "impala", "--preset", "procgen",
+        "--env-option", "num_levels=0", "--env-option", "distribution_mode=easy",
+        "--device", "cpu", "--total-steps", str(steps), "--run-dir", run_dir, "--no-announce",
+        "--no-progress", "--num-envs", str(num_envs), "--num-steps", str(num_steps),
+    ])  # fmt: skip
+    config = build_train_config(args)
+    trainer = Trainer(config, progress=False)
+    RunDir(config.run_dir).create()
+    config.save(RunDir(config.run_dir).config_path)
+    trainer.train()
+    batch = config.ppo.batch_size
+    loop_s = sum(batch / h["steps_per_s"] for h in trainer.history)
+    return {
+        "steps": trainer.learner.global_step,
+        "loop_s": loop_s,
+        "steps_per_s": trainer.learner.global_step / loop_s,
+        "precision": trainer.learner.precision,
+        "update_s": [h.get("update_s") for h in trainer.history],
+    }
+
+
+def _timed_child(cmd: list[str], cwd: str) -> tuple[subprocess.CompletedProcess, dict[str, float]]:
+    r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    usage = {"process_wall_s": wall, "process_user_s": r1.ru_utime - r0.ru_utime,
+             "process_system_s": r1.ru_stime - r0.ru_stime}  # fmt: skip
+    return proc, usage
+
+
+def run_loupe_peer(steps: int, num_envs: int, num_steps: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        code = (
+            "import json, sys; import loupe.bench as b; "
+            "print(json.dumps(b.peer_loupe_worker(int(sys.argv[1]), sys.argv[2], "
+            "int(sys.argv[3]), int(sys.argv[4]))))"
+        )
+        cmd = [sys.executable, "-c", code, str(steps), f"{tmp}/run", str(num_envs), str(num_steps)]
+        proc, usage = _timed_child(cmd, tmp)
+    if proc.returncode:
+        raise RuntimeError(f"loupe train failed:\n{proc.stderr[-3000:]}")
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), **usage}
+
+
+def run_cleanrl(python: str, steps: int, num_envs: int, num_steps: int) -> dict[str, Any]:
+    """cleanrl's ppo_procgen.py from the installed package; its SPS line (steps over the time
+    since its training loop started) is the figure, start-up excluded as for loupe."""
+    args = [
+        python, "-m", "cleanrl.ppo_procgen", "--env-id", "coinrun", "--total-timesteps",
+        str(steps), "--num-envs", str(num_envs), "--num-steps", str(num_steps), "--num-minibatches", "8",
+        "--update-epochs", "3", "--learning-rate", "5e-4", "--anneal-lr", "False", "--gamma",
+        "0.999", "--gae-lambda", "0.95", "--clip-coef", "0.2", "--clip-vloss", "True",
+        "--ent-coef", "0.01", "--vf-coef", "0.5", "--max-grad-norm", "0.5", "--norm-adv", "True",
+        "--cuda", "False", "--track", "False", "--capture-video", "False",
+    ]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:  # its TensorBoard files land here
+        proc, usage = _timed_child(args, tmp)
+    if proc.returncode:
+        raise RuntimeError(f"cleanrl ppo_procgen failed:\n{proc.stderr[-3000:]}")
+    sps = [int(ln.split(":", 1)[1]) for ln in proc.stdout.splitlines() if ln.startswith("SPS:")]
+    if not sps:
+        raise RuntimeError(f"cleanrl printed no SPS line:\n{proc.stdout[-2000:]}")
+    return {"steps": steps, "steps_per_s": float(sps[-1]), "sps_lines": sps, **usage}
+
+
+@benchmark("peer", on_request=True)
+def bench_peer(opts: dict[str, Any]) -> dict[str, Any]:
+    """loupe vs cleanrl's ppo_procgen.py at identical settings, alternated A B A B in one run."""
+    from pathlib import Path
+
+    from loupe.errors import LoupeError
+
+    python = opts["peer_python"]
+    if not Path(python).exists():
+        raise LoupeError(f"no cleanrl environment at {python}; run `make bench-peer` to build it")
+    steps, rounds = opts["peer_steps"], opts["rounds"]
+    shape = opts["peer_num_envs"], opts["peer_num_steps"]
+    loupe_runs, cleanrl_runs = [], []
+    for _ in range(rounds):
+        loupe_runs.append(run_loupe_peer(steps, *shape))
+        cleanrl_runs.append(run_cleanrl(python, steps, *shape))
+    lo = float(np.median([r["steps_per_s"] for r in loupe_runs]))
+    cl = float(np.median([r["steps_per_s"] for r in cleanrl_runs]))
+    return {
+        "settings": {**PEER_SETTINGS, "num_envs": shape[0], "num_steps": shape[1]},
+        "steps_per_run": steps,
+        "order": "loupe, cleanrl, loupe, cleanrl, ... (rounds alternations)",
+        "startup": "excluded: each side's steps/s is steps over its training loop (loupe: the "
+        "sum of its per-update sample+update times; cleanrl: its own SPS line, timed from the "
+        "start of its loop); process wall/user/system times include start-up",
+        "loupe": {"steps_per_s": lo, "runs": loupe_runs},
+        "cleanrl": {"steps_per_s": cl, "runs": cleanrl_runs},
+        "ratio_loupe_over_cleanrl": lo / cl,
+        "target": "loupe >= 2x cleanrl",
+    }
+
+
+@benchmark("ig_captum", on_request=True)
+def bench_ig_captum(opts: dict[str, Any]) -> dict[str, Any]:
+    """IG for value + all 15 logits in one pass vs 16 Captum calls at each batch size."""
+    from attention import build_policy
+    from probes.attribution import benchmark_ig_vs_captum
+
+    out: dict[str, Any] = {"n_steps": 10, "targets": 16}
+    for name, layer in (("impala", "s2"), ("interpretable", "2b")):
+        torch.manual_seed(0)
+        policy = build_policy(name, (3, 64, 64), 15)
+        for b in opts["ig_batches"]:
+            obs = torch.randint(0, 256, (b, 3, 64, 64), dtype=torch.uint8)
+            out[f"{name}/{layer}/B={b}"] = benchmark_ig_vs_captum(policy, obs, layer, repeats=1)
+    out["target"] = ">= 1.5x of 16 Captum calls at every B, max abs diff <= 1e-5"
+    return out
+
+
+def _top_ops(prof, n: int = 8) -> list[dict[str, Any]]:
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1000,
+             "share": e.self_cpu_time_total / total, "calls": e.count} for e in events[:n]]  # fmt: skip
+
+
+def profile_worker(part: str, overrides: dict[str, Any], size: int) -> dict[str, Any]:
+    """torch.profiler over one update / sampler batch / IG call -> the top ops by self CPU time,
+    with wall, user and system seconds of the profiled call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if part == "update":
+        from attention import build_policy
+        from learner import PPOConfig, PPOLearner
+
+        t, n = size // 64, 64
+        cfg = PPOConfig.preset("procgen", num_envs=n, num_steps=t, num_minibatches=1,
+                               update_epochs=1, **overrides)  # fmt: skip
+        learner = PPOLearner(build_policy("impala", (3, 64, 64), 15), cfg)
+        rng = np.random.default_rng(0)
+        obs = torch.from_numpy(rng.integers(0, 256, (size, 3, 64, 64), dtype=np.uint8))
+        flat = {"actions": torch.from_numpy(rng.integers(0, 15, size)),
+                "logprobs": torch.full((size,), -float(np.log(15))),
+                "values": torch.randn(size), "advantages": torch.randn(size),
+                "returns": torch.randn(size)}  # fmt: skip
+        idx = torch.randperm(size)
+
+        def call():
+            learner._step(*learner._gather(obs, flat, idx), 0.2)
+    elif part == "sampler":
+        with tempfile.TemporaryDirectory() as tmp:
+            from loupe.train import Trainer
+
+            cfg = _train_config("procgen:coinrun", "impala", 64, size, 10**9, tmp)
+            trainer = Trainer(cfg, progress=False)
+            trainer.sampler.start(trainer.weights(), 0)
+            call = trainer.sampler.collect
+    elif part == "ig":
+        from attention import build_policy
+        from probes.attribution import IntegratedGradients
+
+        policy = build_policy("impala", (3, 64, 64), 15)
+        ig = IntegratedGradients(policy, "s2")
+        obs = torch.randint(0, 256, (size, 3, 64, 64), dtype=torch.uint8)
+
+        def call():
+            ig.attribute(obs)
+    else:
+        raise ValueError(part)
+    call()  # warm-up
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {"part": part, "size": size, "overrides": overrides, "wall_s": wall,
+            "user_s": r1.ru_utime - r0.ru_utime, "system_s": r1.ru_stime - r0.ru_stime,
+            "top_ops": _top_ops(prof)}  # fmt: skip
+
+
+@benchmark("profile", on_request=True)
+def bench_profile(opts: dict[str, Any]) -> dict[str, Any]:
+    """torch.profiler summaries of the update (before/after the levers), sampler and IG."""
+    before = dict(precision="fp32", micro_batch=0, reuse_buffers=False, malloc_tuning=False)
+    runs = [("update/before", "update", before, opts["minibatch"]),
+            ("update/after", "update", {}, opts["minibatch"]),
+            ("sampler (64 envs x 16 steps)", "sampler", {}, 16),
+            ("ig impala/s2 B=16, 16 targets", "ig", {}, 16)]  # fmt: skip
+    return {name: _in_subprocess("profile_worker", part=part, overrides=o, size=size)
+            for name, part, o, size in runs}  # fmt: skip

@@ -35,3 +35,29 @@ def test_pipeline_benchmark_reports_both_placements():
     assert res["actors_1_vs_single_actor_limit"] == pytest.approx(
         res["actors_1_steps_per_s"] / res["single_actor_limit_steps_per_s"]
     )
+
+
+@pytest.mark.unit
+def test_on_request_benchmarks_are_not_in_the_default_run():
+    from loupe.bench import BENCHMARKS, ON_REQUEST
+
+    assert {"peer", "ig_captum", "profile"} <= ON_REQUEST <= set(BENCHMARKS)
+    assert "update" in BENCHMARKS and "update" not in ON_REQUEST
+
+
+@pytest.mark.unit
+def test_peer_benchmark_without_its_environment_says_how_to_build_it(tmp_path):
+    with pytest.raises(LoupeError, match="make bench-peer"):
+        run_benchmarks(
+            BenchConfig(only=("peer",), peer_python=str(tmp_path / "none/bin/python")),
+            echo=lambda _: None,
+        )
+
+
+@pytest.mark.integration
+def test_update_lever_worker_reports_rate_and_cpu_times():
+    from loupe.bench import update_step_worker
+
+    out = update_step_worker("impala", {"micro_batch": 32}, minibatch=64, steps=1)
+    assert out["samples_per_s"] > 0 and out["user_s"] > 0 and out["system_s"] >= 0
+    assert out["precision"] in ("fp32", "bf16")

@@ -305,7 +305,8 @@ def test_every_sample_is_used_once_per_epoch_with_its_own_targets():
     step = learner._step
 
     def recording_step(obs, mb, clip):
-        seen.append((obs[:, 0, 0, 0].numpy().astype(int), mb["actions"].numpy()))
+        # copies: the minibatch tensors are buffers the learner refills for the next minibatch
+        seen.append((obs[:, 0, 0, 0].numpy().astype(int), mb["actions"].numpy().copy()))
         return step(obs, mb, clip)
 
     learner._step = recording_step

@@ -110,8 +110,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proximal", choices=["auto", "behaviour", "learner"], default=None,
                    help="PPO ratio against the behaviour policy, the learner (decoupled PPO), or auto: "
                    "the learner when the batch is stale (default: auto)")  # fmt: skip
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                   help="arithmetic of the PPO update: fp32 or bf16 autocast (default: fp32)")  # fmt: skip
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="arithmetic of the PPO update: auto, fp32, or bf16 autocast (default: auto, "
+                   "bf16 where it pays and the CPU has native bf16, else fp32)")  # fmt: skip
     p.add_argument("--learners", type=int_range(1, 1024), default=None,
                    help="data-parallel learner processes: NCCL with one GPU each, gloo with one CPU "
                    "each (default: 1)")  # fmt: skip

@@ -29,6 +29,21 @@ def register(sub) -> None:
     p.add_argument("--budget-s", type=float_range(0.0, 86_400.0, lo_open=True), default=360.0,
                    help="with --gpu: seconds the benchmark may take; parts that do not fit are "
                    "skipped")  # fmt: skip
+    p.add_argument("--rounds", type=int_range(1, 100), default=2,
+                   help="A/B alternation rounds (default: 2)")  # fmt: skip
+    p.add_argument("--peer-python", type=path_arg, default=".venv-peer/bin/python",
+                   help="python of the cleanrl environment, peer benchmark (default: "
+                   ".venv-peer/bin/python)")  # fmt: skip
+    p.add_argument("--peer-steps", type=int_range(1, 10_000_000), default=32_768,
+                   help="steps per peer training run (default: 32768)")  # fmt: skip
+    p.add_argument("--peer-num-envs", type=int_range(1, 4096), default=64,
+                   help="envs of the peer runs (default: 64)")  # fmt: skip
+    p.add_argument("--peer-num-steps", type=int_range(1, 100_000), default=256,
+                   help="steps per env per batch of the peer runs (default: 256)")  # fmt: skip
+    p.add_argument("--minibatch", type=int_range(1, 1_000_000), default=2048,
+                   help="samples per update-lever step (default: 2048)")  # fmt: skip
+    p.add_argument("--steps", type=int_range(1, 10_000), default=2,
+                   help="timed Adam steps per update lever (default: 2)")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
 
@@ -57,7 +72,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if unknown:
             raise LoupeError(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}")
         results = run_benchmarks(
-            BenchConfig(only=tuple(args.only), seconds=args.seconds, updates=args.updates)
+            BenchConfig(
+                only=tuple(args.only),
+                seconds=args.seconds,
+                updates=args.updates,
+                rounds=args.rounds,
+                peer_python=args.peer_python,
+                peer_steps=args.peer_steps,
+                minibatch=args.minibatch,
+                peer_num_envs=args.peer_num_envs,
+                peer_num_steps=args.peer_num_steps,
+                steps=args.steps,
+            )
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     save_json(out, results)
