@@ -12,7 +12,8 @@ setup: $(STAMP)
 # pip at -qq prints errors only: package indexes configured on a machine that lack a package
 # otherwise print one warning per package and index (over a hundred lines); errors still show and
 # still stop the set-up.
-PIP_INSTALL := $(PY) -m pip install --quiet --quiet --disable-pip-version-check
+PIP_ARGS := -m pip install --quiet --quiet --disable-pip-version-check
+PIP_INSTALL := $(PY) $(PIP_ARGS)
 
 # torch first, pinned, so that pip takes the CPU build on disk instead of a CUDA download.
 $(STAMP): pyproject.toml
@@ -60,9 +61,9 @@ PEER_ARGS ?=
 # ppo_procgen.py does not import: its own imports are installed, then cleanrl without them
 $(PEER_STAMP):
 	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
-	$(PEER_VENV)/bin/python -m pip install --quiet torch==2.13.0 gym==0.23.1 \
+	$(PEER_VENV)/bin/python $(PIP_ARGS) torch==2.13.0 gym==0.23.1 \
 		procgen-mirror==0.10.7 tensorboard "numpy<2"
-	$(PEER_VENV)/bin/python -m pip install --quiet --no-deps --ignore-requires-python cleanrl==1.2.0
+	$(PEER_VENV)/bin/python $(PIP_ARGS) --no-deps --ignore-requires-python cleanrl==1.2.0
 	touch $(PEER_STAMP)
 
 bench-peer: setup $(PEER_STAMP)

@@ -434,7 +434,8 @@ class PPOLearner:
         for idx, state in opt["state"].items():
             for key, value in state.items():
                 if torch.is_tensor(value):
-                    tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+                    # a copy: on CPU, .cpu() would alias the live moments the next step changes
+                    tensors[f"optim.{idx}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
                 else:
                     scalars.setdefault(str(idx), {})[key] = value
         tensors["rng.generator"] = self.generator.get_state()

@@ -203,3 +203,14 @@ def test_train_with_bf16_on_a_cpu_without_it_is_one_line_and_writes_nothing(
         "neither (see the flags in /proc/cpuinfo); use --precision fp32"
     ]
     assert not run.exists()
+
+
+@pytest.mark.unit
+def test_state_dict_is_a_snapshot_not_a_view_of_the_live_optimiser():
+    """On CPU, state_dict() once aliased Adam's moments, so a later update changed a saved state."""
+    policy, learner, _, _ = trained("impala", updates=1)
+    state = learner.state_dict()
+    saved = {k: v.clone() for k, v in state.tensors.items()}
+    learner.update(coinrun_rollout(policy, seed=5))
+    for k, v in state.tensors.items():
+        assert torch.equal(v, saved[k]), k
