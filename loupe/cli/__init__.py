@@ -257,7 +257,8 @@ _EXTRA_COMMANDS: list = []
 def _load_extra_commands() -> None:
     import importlib
 
-    for module in ("loupe.cli.bench", "loupe.cli.probe", "loupe.cli.evaluate", "loupe.cli.compare"):
+    for module in ("loupe.cli.bench", "loupe.cli.probe", "loupe.cli.evaluate", "loupe.cli.compare",
+                   "loupe.cli.view"):  # fmt: skip
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
