@@ -131,7 +131,11 @@ def cmd_view(args: argparse.Namespace) -> int:
         print("loupe view: stopped", flush=True)
         return 0
     except BaseException:
-        if export is not None and export.exists() and not (export / "data" / "manifest.json").exists():
+        if (
+            export is not None
+            and export.exists()
+            and not (export / "data" / "manifest.json").exists()
+        ):
             shutil.rmtree(export, ignore_errors=True)  # a half-built export of ours
         raise
     finally:

@@ -97,7 +97,10 @@ def put(out: Path, key: str, data: Any) -> None:
     text = json.dumps(_round(data), separators=(",", ":"), sort_keys=True)
     path = out / "data" / key
     path.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, body in ((".json", text + "\n"), (".js", f"LOUPE.put({json.dumps(key)},{text});\n")):
+    for suffix, body in (
+        (".json", text + "\n"),
+        (".js", f"LOUPE.put({json.dumps(key)},{text});\n"),
+    ):
         tmp = path.with_name(path.name + suffix + ".tmp")
         tmp.write_text(body)
         tmp.replace(path.with_name(path.name + suffix))
@@ -481,7 +484,11 @@ def _copy_features(probe_dir: Path | None, base: Path, nmf_info: dict[str, Any])
     for i in range(k):
         entry = {"name": f"feature {i}", "colour": hues[i].tolist()}
         for kind in ("examples", "spatial"):
-            src = probe_dir / nmf_info.get("dir", "nmf") / f"feature{i}-{kind}.png" if probe_dir else None
+            src = (
+                probe_dir / nmf_info.get("dir", "nmf") / f"feature{i}-{kind}.png"
+                if probe_dir
+                else None
+            )
             if src is not None and src.is_file():
                 (base / "features").mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, base / "features" / src.name)

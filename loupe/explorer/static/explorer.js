@@ -453,6 +453,7 @@ var LOUPE = (function () {
       app.appendChild(el("p", { class: "note", text: data.checkpoints + " checkpoint(s), " + data.points.length + " probed · updated " + data.updated + (served ? " · refreshes every 5 s" : "") }));
       if (!data.points.length) {
         app.appendChild(el("p", { class: "error", id: "empty", html: "No checkpoint of this run has been probed yet. Start probe workers with <code>loupe probe --run " + data.run + "</code>; this page shows their results as they arrive." }));
+        app.setAttribute("data-ready", "1");
         return;
       }
       var charts = el("div", { class: "charts" });
