@@ -5,9 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loupe-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup check lint format test test-all bench bench-placement demo clean
+.PHONY: setup chromium check lint format test test-all bench bench-placement demo clean
 
-setup: $(STAMP)
+setup: $(STAMP) chromium
+
+# Debian's chromium for the explorer's browser tests (Playwright drives it; no browser download)
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
 # torch first, pinned, so that pip takes the CPU build on disk instead of a CUDA download.
 $(STAMP): pyproject.toml

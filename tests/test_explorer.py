@@ -127,22 +127,21 @@ def probed(tmp_path_factory) -> dict[str, Path]:
                  "--target", "group:right", "--target", "logit:7")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "explorer written to" in proc.stdout
+    # the other bundles in-process (the command line is exercised above and in the bad-input test)
     runview = root / "runview"
-    proc = loupe("view", "--run", str(run), "--export", str(runview), "--trajectories", "none")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    bundle.build_run_bundle(run, runview, trajectories="none")
     empty = root / "empty-run"
     shutil.copytree(run, empty, ignore=shutil.ignore_patterns("probes"))
     emptyview = root / "emptyview"
-    proc = loupe("view", "--run", str(empty), "--export", str(emptyview))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    bundle.build_run_bundle(empty, emptyview)
     evaldir = root / "eval"
     write_evaluation(evaldir, done=True)
     evalview = root / "evalview"
-    assert loupe("view", "--eval", str(evaldir), "--export", str(evalview)).returncode == 0
+    bundle.build_eval_bundle(evaldir, evalview)
     partial = root / "eval-partial"
     write_evaluation(partial, done=False)
     partialview = root / "partialview"
-    assert loupe("view", "--eval", str(partial), "--export", str(partialview)).returncode == 0
+    bundle.build_eval_bundle(partial, partialview)
     return {"root": root, "run": run, "ckpt": ckpt, "probe": probe, "view": view,
             "runview": runview, "emptyview": emptyview, "evalview": evalview,
             "partialview": partialview, "evaldir": evaldir}  # fmt: skip

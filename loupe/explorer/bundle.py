@@ -334,6 +334,7 @@ def build_checkpoint_data(
         layer_hw = [h, w]
         from probes.render import smooth
 
+        hues = np.array([e["colour"] for e in _copy_features(None, base, nmf_info)])  # (E, 3)
         for ti, target in enumerate(target_names):
             attr_index[target] = {}
             for sign, sname in ((1, "pos"), (-1, "neg")):
@@ -341,7 +342,10 @@ def build_checkpoint_data(
                 scale = float(np.median(part.reshape(m, -1).max(1)))
                 scale = scale if scale > 0 else 1.0
                 sm = smooth(part / scale, config.smooth_radius) if config.smooth_radius else part
-                # each entry's opacity capped at 1 (METHODS D: opacity = min(1, |rgb|))
+                # METHODS D: colour = sum_e v_e hue_e, opacity = min(1, |rgb|); the browser adds
+                # the tinted tiles, so each position is scaled by 1 / max(1, |rgb|) here
+                rgb = np.einsum("mehw,ec->mchw", sm, hues)
+                sm = sm / np.maximum(1.0, np.linalg.norm(rgb, axis=1))[:, None]
                 q = grey(sm).reshape(n_env, t_len, n_entries, h, w)
                 attr_index[target][sname] = {"scale": scale}
                 for i in range(n_env):

@@ -399,7 +399,11 @@ var LOUPE = (function () {
   // -- embedding -------------------------------------------------------------------------------------
   function embedView(h) {
     var key = ckptKey(h);
-    return Promise.all([LOUPE.load(key + "/meta"), LOUPE.load(key + "/embedding")]).then(function (r) {
+    return LOUPE.load(key + "/meta").then(function (meta) {
+      if (!meta.embedding) { message("This bundle has no embedding (it was built with --no-embedding)."); app.setAttribute("data-ready", "1"); return null; }
+      return Promise.all([meta, LOUPE.load(key + "/embedding")]);
+    }).then(function (r) {
+      if (!r) return;
       var meta = r[0], em = r[1];
       app.innerHTML = "";
       if (!em.points.length) { message(em.error || "no embedding"); return; }
@@ -409,8 +413,17 @@ var LOUPE = (function () {
       var size = 520, c = el("canvas", { id: "embedding", width: size, height: size });
       var info = el("div", { class: "note", id: "pointinfo", text: "t-SNE of the activations at layer " + meta.layer + "; click a point to open its frame." });
       var legend = el("div", { class: "legend" });
+      var preview = el("canvas", { id: "preview", width: 128, height: 128 });
       app.appendChild(el("div", { class: "controls" }, [by]));
-      app.appendChild(el("div", { class: "embed" }, [c, el("div", {}, [info, legend])]));
+      app.appendChild(el("div", { class: "embed" }, [c, el("div", {}, [info, preview, legend])]));
+      function show(p) {
+        var fw = meta.obs_hw[1], fh = meta.obs_hw[0], cols = Math.max(1, Math.min(meta.frames, Math.floor(4096 / fw)));
+        image("data/" + key + "/traj-" + p[2] + "-frames.png").then(function (img) {
+          var q = tile(p[3], cols, fw, fh), ctx = preview.getContext("2d");
+          ctx.imageSmoothingEnabled = false;
+          ctx.drawImage(img, q[0], q[1], fw, fh, 0, 0, 128, 128);
+        });
+      }
       var pts = em.points;
       function colour(p) {
         var mode = by.value;
@@ -437,7 +450,7 @@ var LOUPE = (function () {
         pts.forEach(function (p) { var d = (p[0] - x) * (p[0] - x) + (p[1] - y) * (p[1] - y); if (d < bd) { bd = d; best = p; } });
         return best;
       }
-      c.addEventListener("mousemove", function (ev) { var p = nearest(ev); if (p) info.textContent = "trajectory " + p[2] + ", frame " + p[3] + ", value " + fmt(p[4]) + ", action " + meta.actions[p[5]]; });
+      c.addEventListener("mousemove", function (ev) { var p = nearest(ev); if (p) { info.textContent = "trajectory " + p[2] + ", frame " + p[3] + ", value " + fmt(p[4]) + ", action " + meta.actions[p[5]]; show(p); } });
       c.addEventListener("click", function (ev) { var p = nearest(ev); if (p) go({ view: "traj", ckpt: key, traj: p[2], frame: p[3] }); });
       by.addEventListener("change", draw);
       draw();
@@ -485,7 +498,8 @@ var LOUPE = (function () {
       var s = svg("svg", { viewBox: "0 0 " + w + " " + h, "data-scalar": name });
       s.appendChild(svg("path", { d: pts.map(function (p, i) { return (i ? "L" : "M") + X(p.step) + "," + Y(p[key]); }).join(""), fill: "none", stroke: "#1f6feb", "stroke-width": 1.5 }));
       [[y0, Y(y0)], [y1, Y(y1)]].forEach(function (t) { var tx = svg("text", { x: 2, y: t[1] + 4, "font-size": 10, fill: "#777" }); tx.textContent = fmt(t[0], 3); s.appendChild(tx); });
-      var xl = svg("text", { x: w - 10, y: h - 4, "font-size": 10, fill: "#777", "text-anchor": "end" }); xl.textContent = "step " + x1; s.appendChild(xl);
+      var sx = Math.min.apply(null, xs), ex = Math.max.apply(null, xs);
+      var xl = svg("text", { x: w - 10, y: h - 4, "font-size": 10, fill: "#777", "text-anchor": "end" }); xl.textContent = "step " + (sx === ex ? sx : sx + " – " + ex); s.appendChild(xl);
       pts.forEach(function (p) {
         var c = svg("circle", { cx: X(p.step), cy: Y(p[key]), r: 4, fill: p.key ? "#1f6feb" : "#aaa", style: p.key ? "cursor:pointer" : "" });
         var t = svg("title", {}); t.textContent = "step " + p.step + ": " + fmt(p[key]) + (p.key ? " (click: trajectories)" : ""); c.appendChild(t);
@@ -546,7 +560,7 @@ var LOUPE = (function () {
     }
     function barChart(present, cks, colours) {
       var w = 720, rowH = 22, h = present.length * (cks.length * rowH + 10) + 20;
-      var s = svg("svg", { viewBox: "0 0 " + w + " " + h, width: w, height: h, id: "bars" });
+      var s = svg("svg", { viewBox: "0 0 " + w + " " + h, width: w, height: h, id: "bars", class: "bars" });
       var y = 10;
       present.forEach(function (k) {
         cks.forEach(function (c, j) {
