@@ -446,3 +446,21 @@ def test_a_bundle_without_data_says_so(browser, tmp_path):
     assert "loupe view" in page.page.locator("#app").inner_text()
     page.errors.clear()  # the missing data script is the error this page reports
     page.close()
+
+
+@pytest.mark.integration
+def test_probe_overlays_become_tensorboard_images(probed, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from loupe.explorer.tensorboard import log_probe_images
+
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    tags = log_probe_images(writer, probed["probe"], 64)
+    writer.close()
+    assert "attribution/positive-0" in tags and "saliency/smoothgrad-0" in tags
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
+    images = events.Tags()["images"]
+    assert sorted(images) == sorted(f"probe/{t}" for t in tags)
+    img = events.Images("probe/attribution/positive-0")[0]
+    assert img.step == 64 and img.width == 64 and img.height == 64
