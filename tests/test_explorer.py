@@ -464,3 +464,33 @@ def test_probe_overlays_become_tensorboard_images(probed, tmp_path):
     assert sorted(images) == sorted(f"probe/{t}" for t in tags)
     img = events.Images("probe/attribution/positive-0")[0]
     assert img.step == 64 and img.width == 64 and img.height == 64
+
+
+@pytest.mark.integration
+def test_served_run_page_follows_new_probe_results(probed, browser, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(probed["run"], run)
+    proc = subprocess.Popen([sys.executable, "-m", "loupe.cli", "view", "--run", str(run),
+                             "--trajectories", "none"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        url = line.split(" at ")[1].split()[0]
+        page = Page(browser, url.split("index.html")[0])
+        page.open(url)
+        rows = page.page.locator("#checkpoints tr")
+        assert rows.count() == 2
+        # a probe worker finishes another checkpoint: the page shows it without a reload
+        src = next((run / "probes").iterdir())
+        new = run / "probes" / "step-000000009999-abcdef12"
+        shutil.copytree(src, new)
+        summary = json.loads((new / "summary.json").read_text())
+        summary["step"] = 9999
+        (new / "summary.json").write_text(json.dumps(summary))
+        page.page.wait_for_function("document.querySelectorAll('#checkpoints tr').length == 3",
+                                    timeout=40_000)  # fmt: skip
+        assert "9999" in page.page.locator("#checkpoints").inner_text()
+        page.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
