@@ -80,6 +80,10 @@ def test_nmf_rebuilt_from_directions_transforms_like_the_fitted_one():
     rebuilt = bundle.nmf_from_directions(fitted.directions.tolist())
     assert np.allclose(rebuilt.transform(attr), fitted.transform(attr))
     assert np.allclose(rebuilt.residual(attr), fitted.residual(attr))
+    entries = bundle.nmf_entries(rebuilt, attr)  # (N, K + 1, h, w): features, then the residual
+    assert entries.shape == (6, 4, 5, 5)
+    assert np.allclose(entries[:, :3], fitted.transform(attr))
+    assert np.allclose(entries[:, 3], fitted.residual(attr))
 
 
 @pytest.mark.unit

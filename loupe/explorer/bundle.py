@@ -210,6 +210,18 @@ def nmf_from_directions(directions):
     return AttributionNMF(model, NMFConfig(n_components=k))
 
 
+def nmf_entries(nmf, attr) -> np.ndarray:
+    """Probe NMF features and residual of (N, C, h, w) attributions -> (N, K + 1, h, w): the
+    features ``nmf.transform`` and, last, ``nmf.residual`` (METHODS D), with the unscaled
+    coefficients t0 solved once for both."""
+    a = np.asarray(attr, dtype=np.float64)
+    d = nmf.directions
+    t0 = nmf.transform_unscaled(a)  # (N, K, h, w)
+    approx = nmf.inverse(np.maximum(t0, 0.0)) - nmf.inverse(np.maximum(-t0, 0.0))
+    residual = (a - approx).sum(1, keepdims=True)
+    return np.concatenate([t0 * d.sum(-1)[None, :, None, None], residual], 1)
+
+
 # -- one checkpoint --------------------------------------------------------------------------------
 def probe_settings(summary: dict[str, Any]) -> dict[str, Any]:
     """The recording settings of a probe summary (defaults of ProbeConfig where not saved)."""
@@ -317,7 +329,7 @@ def build_checkpoint_data(
         if attr.ndim != 5:
             continue
         if nmf is not None:
-            per = [np.concatenate([nmf.transform(a), nmf.residual(a)[:, None]], 1) for a in attr]
+            per = [nmf_entries(nmf, a) for a in attr]
         else:
             per = [a.sum(1, keepdims=True) for a in attr]  # one entry: the channel sum
         entries.append(np.stack(per).astype(np.float32))
@@ -375,7 +387,7 @@ def build_checkpoint_data(
     probs = probs.reshape(n_env, t_len, -1)
     values = values.reshape(n_env, t_len)
     dominant = None
-    if entries and nmf is not None:
+    if entries and directions:
         value_ti = target_names.index("value") if "value" in target_names else 0
         feats = np.maximum(ent[value_ti][:, :-1], 0).sum((2, 3))  # (M, F)
         dominant = feats.argmax(1).reshape(n_env, t_len)
