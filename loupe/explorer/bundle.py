@@ -358,7 +358,8 @@ def build_checkpoint_data(
                 # the tinted tiles, so each position is scaled by 1 / max(1, |rgb|) here
                 rgb = np.einsum("mehw,ec->mchw", sm, hues)
                 sm = sm / np.maximum(1.0, np.linalg.norm(rgb, axis=1))[:, None]
-                q = grey(sm).reshape(n_env, t_len, n_entries, h, w)
+                # 64 grey levels: a quarter of the PNG bytes saved, invisible once tinted
+                q = (grey(sm) // 4 * 4).reshape(n_env, t_len, n_entries, h, w)
                 attr_index[target][sname] = {"scale": scale}
                 for i in range(n_env):
                     sheet, cols = sprite(q[i].reshape(-1, h, w), _attr_cols(n_entries, w))
@@ -370,11 +371,12 @@ def build_checkpoint_data(
     if attention is not None:
         sal["attention"] = _attention_maps(attention, tuple(obs_hw))
     for name, maps in sal.items():
-        maps = maps.reshape(n_env, t_len, *obs_hw)
+        maps = _half(maps).reshape(n_env, t_len, -1, maps.shape[-1] // 2)
         for i in range(n_env):
-            sheet, cols = sprite(grey(maps[i]))
+            # half resolution and 32 grey levels: gradient maps are noise-like and compress badly
+            sheet, cols = sprite(grey(maps[i]) // 8 * 8)
             save_png(base / f"traj-{i}-sal-{name}.png", sheet)
-            saliency_index[name] = {"cols": cols}
+            saliency_index[name] = {"cols": cols, "tile": list(maps.shape[-2:])}
     # frames
     for i in range(n_env):
         f = frames[:, i]  # (T, C, H, W)
@@ -477,6 +479,13 @@ def _saliency_maps(policy, flat, config: BundleConfig) -> dict[str, np.ndarray]:
         top = np.percentile(maps.reshape(len(maps), -1), 99.5, axis=1)[:, None, None]
         out[name] = np.divide(maps, top, out=np.zeros_like(maps), where=top > 0)
     return out
+
+
+def _half(maps: np.ndarray) -> np.ndarray:
+    """(M, H, W) -> (M, H // 2, W // 2), the mean of each 2 x 2 block."""
+    m, h, w = maps.shape
+    maps = maps[:, : h // 2 * 2, : w // 2 * 2]
+    return maps.reshape(m, h // 2, 2, w // 2, 2).mean((2, 4))
 
 
 def _attention_maps(attention, obs_hw) -> np.ndarray:

@@ -306,7 +306,8 @@ var LOUPE = (function () {
       var img = sprites["sal/" + s.overlay];
       drawFrame(ctx, img ? 0.45 : 0);
       if (!img) return;
-      var fw = meta.obs_hw[1], fh = meta.obs_hw[0], p = tile(s.frame, meta.saliency[s.overlay].cols, fw, fh);
+      var info = meta.saliency[s.overlay], tl = info.tile || meta.obs_hw;
+      var fw = tl[1], fh = tl[0], p = tile(s.frame, info.cols, fw, fh);
       tmp.width = fw; tmp.height = fh;
       var tc = tmp.getContext("2d");
       tc.globalCompositeOperation = "copy"; tc.drawImage(img, p[0], p[1], fw, fh, 0, 0, fw, fh);
