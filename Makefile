@@ -5,9 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loupe-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup check lint format test test-all bench bench-gpu bench-peer bench-placement demo protos clean
+.PHONY: setup chromium check lint format test test-all bench bench-gpu bench-peer bench-placement demo protos clean
 
-setup: $(STAMP)
+setup: $(STAMP) chromium
+
+# Debian's chromium for the explorer's browser tests (Playwright drives it; no browser download)
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
 # pip at -qq prints errors only: package indexes configured on a machine that lack a package
 # otherwise print one warning per package and index (over a hundred lines); errors still show and

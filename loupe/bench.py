@@ -935,3 +935,75 @@ def bench_profile(opts: dict[str, Any]) -> dict[str, Any]:
             ("ig impala/s2 B=16, 16 targets", "ig", {}, 16)]  # fmt: skip
     return {name: _in_subprocess("profile_worker", part=part, overrides=o, size=size)
             for name, part, o, size in runs}  # fmt: skip
+
+
+@benchmark("explorer")
+def bench_explorer(opts: dict[str, Any]) -> dict[str, Any]:
+    """`loupe view` of one checkpoint: 8 trajectories x 256 frames, IG + NMF at the analysis layer
+    (random-weights interpretable network on CoinRun): bundle build time and size, and the time
+    from opening the page in Chromium to its first frame drawn, from the loopback server."""
+    import os
+    from pathlib import Path
+
+    from attention import build_policy
+    from learner.checkpoint import save_checkpoint
+    from loupe.explorer.bundle import BundleConfig, build_probe_bundle, bundle_size
+    from loupe.explorer.server import BundleServer
+    from probes.suite import ProbeConfig, run_suite
+
+    torch.manual_seed(0)
+    out: dict[str, Any] = {
+        "trajectories": 8,
+        "frames": 256,
+        "policy": "interpretable",
+        "layer": "2b",
+    }
+    with tempfile.TemporaryDirectory(prefix="loupe-bench-view-") as tmp:
+        policy = build_policy("interpretable", (3, 64, 64), 15)
+        meta = {"step": 0, "run_id": "bench", "env": "procgen:coinrun",
+                "env_options": {"distribution_mode": "easy"}}  # fmt: skip
+        ckpt = save_checkpoint(tmp, policy, meta)
+        t0, c0 = time.perf_counter(), time.process_time()
+        run_suite(ckpt, Path(tmp) / "probe", ProbeConfig(num_envs=8, num_steps=256))
+        out["probe_s"] = time.perf_counter() - t0
+        out["probe_cpu_s"] = time.process_time() - c0
+        t0, c0 = time.perf_counter(), time.process_time()
+        built = build_probe_bundle(Path(tmp) / "probe", Path(tmp) / "view", BundleConfig())
+        out["build_s"] = time.perf_counter() - t0
+        # CPU seconds of this process (all its threads): a figure less disturbed by other work
+        out["build_cpu_s"] = time.process_time() - c0
+        out["build_timings"] = built["timings"]
+        out["targets"] = built["targets"]
+        out["size_mb"] = bundle_size(Path(tmp) / "view") / 1e6
+        out["first_frame_s"] = _first_frame_s(Path(tmp) / "view", BundleServer)
+    out["cpus"] = os.cpu_count()
+    out["target"] = "build < 120 s on 2 cores, size < 30 MB, first frame < 1 s"
+    return out
+
+
+def _first_frame_s(view, server_cls) -> dict[str, float] | None:
+    """Seconds from navigation to the first frame drawn (cold and warm), or None without chromium."""
+    import os
+
+    if not os.path.exists("/usr/bin/chromium"):
+        return None
+    from playwright.sync_api import sync_playwright
+
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+    server = server_cls(view).start()
+    times = {}
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=flags)
+            for label in ("cold", "warm"):
+                page = browser.new_page()
+                t0 = time.perf_counter()
+                page.goto(server.url)
+                page.wait_for_selector("#app[data-ready='1']", timeout=60_000)
+                times[label] = time.perf_counter() - t0
+                page.close()
+            browser.close()
+    finally:
+        server.stop()
+    return times

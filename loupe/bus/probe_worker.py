@@ -103,6 +103,9 @@ class ProbeWorker:
         first = self.bus.record_once(group, ann.sha256, result)  # mark + publish, atomically
         if first:
             self._log_scalars(ann.step, result["scalars"], latency)
+            from loupe.explorer.tensorboard import log_probe_images
+
+            log_probe_images(self.writer, result["out"], ann.step)
         self.bus.ack(group, delivery.entry_id)
         return "done" if first else "skipped"
 

@@ -342,6 +342,7 @@ def _load_extra_commands() -> None:
         "loupe.cli.compare",
         "loupe.cli.study",
         "loupe.cli.serve",
+        "loupe.cli.view",
     ):
         try:
             mod = importlib.import_module(module)

@@ -1,0 +1,155 @@
+"""`loupe view`: build the explorer's static bundle and serve it on loopback, or export it."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from loupe.errors import LoupeError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("view", help="the trajectory explorer in the browser")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--probe", help="a `loupe probe --checkpoint ... --out DIR` directory")
+    src.add_argument("--checkpoint", help="a checkpoint (probed first if needed)")
+    src.add_argument("--run", help="a run directory: probe scalars over training")
+    src.add_argument("--eval", help="a `loupe evaluate --out DIR` directory")
+    p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default loopback)")
+    p.add_argument("--token", default=None, help="access token; required beyond loopback")
+    p.add_argument("--export", default=None, metavar="OUT", help="write the bundle to OUT and exit")
+    p.add_argument("--num-envs", type=int, default=None, help="trajectories (default: the probe's)")
+    p.add_argument("--num-steps", type=int, default=None, help="frames per trajectory")
+    p.add_argument("--target", action="append", default=None, metavar="T",
+                   help="attribution target: value, logit:I, group:NAME (repeatable; default: "
+                   "value, the action groups and the most frequent action's logit)")  # fmt: skip
+    p.add_argument("--trajectories", choices=["latest", "all", "none"], default="latest",
+                   help="--run: which probed checkpoints get trajectory pages")  # fmt: skip
+    p.add_argument("--no-embedding", action="store_true", help="skip the t-SNE embedding")
+    p.set_defaults(func=cmd_view)
+
+
+def _config(args):
+    from loupe.explorer.bundle import BundleConfig
+
+    return BundleConfig(
+        num_envs=args.num_envs,
+        num_steps=args.num_steps,
+        targets=tuple(args.target or ("auto",)),
+        embedding=not args.no_embedding,
+    )
+
+
+def _progress(text: str) -> None:
+    print(f"loupe view: {text}", file=sys.stderr, flush=True)
+
+
+def _check_export(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LoupeError(f"{out} already exists and is not empty; choose another --export OUT")
+    return out
+
+
+def _probe_checkpoint(args, work: Path) -> Path:
+    """Run the probe suite on --checkpoint into ``work/probe`` (the explorer needs its NMF)."""
+    from learner.checkpoint import resolve
+    from loupe.cli.probe import probe_config
+    from probes.suite import run_suite
+
+    ckpt = Path(args.checkpoint)
+    if not ckpt.exists():
+        raise LoupeError(f"checkpoint {ckpt} does not exist")
+    ns = argparse.Namespace(layer=None, num_envs=args.num_envs or 8, num_steps=args.num_steps or 128,
+                            ig_samples=64, nmf_components=8, smoothgrad_copies=8)  # fmt: skip
+    out = work / "probe"
+    _progress(f"probing {resolve(ckpt)} first (record, integrated gradients, NMF, GAE scan)")
+    t0 = time.perf_counter()
+    run_suite(ckpt, out, probe_config(ns))
+    _progress(f"probe done in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from loupe.explorer import bundle
+    from loupe.explorer.server import BundleServer, is_loopback
+
+    if args.export is None and not is_loopback(args.host) and not args.token:
+        raise LoupeError(
+            f"--host {args.host} is reachable from other machines; give --token SECRET as well "
+            "(or leave --host at 127.0.0.1)"
+        )
+    if args.export is None and not 0 <= args.port <= 65535:
+        raise LoupeError(f"--port must be in 0..65535, got {args.port}")
+    config = _config(args)
+    export = _check_export(args.export) if args.export else None
+    work = Path(tempfile.mkdtemp(prefix="loupe-view-"))
+    out = export or work / "bundle"
+    refresh = None
+    try:
+        if args.eval:
+            bundle.build_eval_bundle(args.eval, out)
+            refresh = lambda: bundle.build_eval_bundle(args.eval, out)  # noqa: E731
+        elif args.run:
+            built: dict[str, str] = {}
+            bundle.build_run_bundle(args.run, out, config, _progress, args.trajectories, built)
+            refresh = lambda: bundle.build_run_bundle(  # noqa: E731
+                args.run, out, config, _progress, args.trajectories, built
+            )
+        else:
+            if args.probe:
+                probe_dir = Path(args.probe)
+            else:
+                probe_dir = _existing_probe(Path(args.checkpoint)) or _probe_checkpoint(args, work)
+            t0 = time.perf_counter()
+            bundle.build_probe_bundle(probe_dir, out, config, _progress)
+            _progress(f"bundle built in {time.perf_counter() - t0:.1f} s")
+        size = bundle.bundle_size(out) / 1e6
+        if export is not None:
+            print(f"explorer written to {export} ({size:.1f} MB); open {export / 'index.html'}")
+            return 0
+        server = BundleServer(out, args.host, args.port, args.token).start()
+        print(f"loupe view: serving {size:.1f} MB at {server.url}  (Ctrl-C stops)", flush=True)
+        stop = threading.Event()
+        try:
+            while not stop.wait(5.0):
+                if refresh is not None:
+                    try:
+                        refresh()
+                    except LoupeError as exc:
+                        _progress(f"refresh failed: {exc}")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.stop()
+        print("loupe view: stopped", flush=True)
+        return 0
+    except BaseException:
+        if (
+            export is not None
+            and export.exists()
+            and not (export / "data" / "manifest.json").exists()
+        ):
+            shutil.rmtree(export, ignore_errors=True)  # a half-built export of ours
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _existing_probe(ckpt: Path) -> Path | None:
+    """A finished probe of this checkpoint in its run (``<run>/probes/step-...``), if any."""
+    from learner.checkpoint import read_meta
+
+    try:
+        meta = read_meta(ckpt)
+    except LoupeError:
+        return None
+    run = ckpt.resolve().parent.parent
+    d = run / "probes" / f"step-{meta['step']:012d}-{str(meta.get('sha256', ''))[:8]}"
+    return d if (d / "summary.json").is_file() else None

@@ -1,0 +1,1 @@
+"""`loupe view`: the explorer (bundle builder, loopback server, static pages, TensorBoard images)."""
