@@ -10,28 +10,44 @@ import threading
 import time
 from pathlib import Path
 
+from loupe.cli.args import int_range, path_arg
 from loupe.errors import LoupeError
 
 
 def register(sub) -> None:
     p = sub.add_parser("view", help="the trajectory explorer in the browser")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--probe", help="a `loupe probe --checkpoint ... --out DIR` directory")
-    src.add_argument("--checkpoint", help="a checkpoint (probed first if needed)")
-    src.add_argument("--run", help="a run directory: probe scalars over training")
-    src.add_argument("--eval", help="a `loupe evaluate --out DIR` directory")
-    p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default loopback)")
-    p.add_argument("--token", default=None, help="access token; required beyond loopback")
-    p.add_argument("--export", default=None, metavar="OUT", help="write the bundle to OUT and exit")
-    p.add_argument("--num-envs", type=int, default=None, help="trajectories (default: the probe's)")
-    p.add_argument("--num-steps", type=int, default=None, help="frames per trajectory")
+    src.add_argument("--probe", type=path_arg,
+                     help="a `loupe probe --checkpoint ... --out DIR` directory (required: this or "
+                     "--checkpoint, --run, --eval)")  # fmt: skip
+    src.add_argument("--checkpoint", type=path_arg,
+                     help="a checkpoint, probed first if needed (required: one source)")  # fmt: skip
+    src.add_argument("--run", type=path_arg,
+                     help="a run directory: probe scalars over training (required: one source)")  # fmt: skip
+    src.add_argument("--eval", type=path_arg,
+                     help="a `loupe evaluate --out DIR` directory (required: one source)")  # fmt: skip
+    p.add_argument("--port", type=int_range(0, 65535), default=0,
+                   help="port; 0 takes a free one (default: 0)")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
+    p.add_argument("--token", default=None,
+                   help="access token; required beyond loopback (default: none)")  # fmt: skip
+    p.add_argument("--export", type=path_arg, default=None, metavar="OUT",
+                   help="write the bundle to OUT and exit (default: serve it)")  # fmt: skip
+    p.add_argument(
+        "--num-envs",
+        type=int_range(1, 4096),
+        default=None,
+        help="trajectories (default: the probe's)",
+    )
+    p.add_argument("--num-steps", type=int_range(1, 100_000), default=None,
+                   help="frames per trajectory (default: the probe's)")  # fmt: skip
     p.add_argument("--target", action="append", default=None, metavar="T",
                    help="attribution target: value, logit:I, group:NAME (repeatable; default: "
                    "value, the action groups and the most frequent action's logit)")  # fmt: skip
     p.add_argument("--trajectories", choices=["latest", "all", "none"], default="latest",
-                   help="--run: which probed checkpoints get trajectory pages")  # fmt: skip
-    p.add_argument("--no-embedding", action="store_true", help="skip the t-SNE embedding")
+                   help="--run: which probed checkpoints get trajectory pages (default: latest)")  # fmt: skip
+    p.add_argument("--no-embedding", action="store_true",
+                   help="skip the t-SNE embedding (default: build it)")  # fmt: skip
     p.set_defaults(func=cmd_view)
 
 
@@ -85,8 +101,6 @@ def cmd_view(args: argparse.Namespace) -> int:
             f"--host {args.host} is reachable from other machines; give --token SECRET as well "
             "(or leave --host at 127.0.0.1)"
         )
-    if args.export is None and not 0 <= args.port <= 65535:
-        raise LoupeError(f"--port must be in 0..65535, got {args.port}")
     config = _config(args)
     export = _check_export(args.export) if args.export else None
     work = Path(tempfile.mkdtemp(prefix="loupe-view-"))
