@@ -78,12 +78,14 @@ def env_config_for(meta: dict[str, Any], num_envs: int, seed: int):
     return EnvConfig(env_id=env_id, **options)
 
 
-def record(policy, meta: dict[str, Any], config: ProbeConfig, record_states=()):
-    """Trajectories of ``policy`` in the checkpoint's environment -> (learner.Rollout, states).
+def record(policy, meta: dict[str, Any], config: ProbeConfig):
+    """Trajectories of ``policy`` in the checkpoint's environment -> learner.Rollout."""
+    return record_with_states(policy, meta, config, ())[0]
 
-    ``record_states``: steps whose game states are kept: ``states[t]`` holds one procgen state per
-    env, matching ``rollout.obs[t]``.
-    """
+
+def record_with_states(policy, meta: dict[str, Any], config: ProbeConfig, steps):
+    """``record``, keeping the game states at ``steps`` -> (learner.Rollout, states): ``states[t]``
+    holds one procgen state per env, matching ``rollout.obs[t]``."""
     from actors.rollout import RolloutActor, RolloutConfig
 
     spec = policy.spec
@@ -102,7 +104,7 @@ def record(policy, meta: dict[str, Any], config: ProbeConfig, record_states=()):
                 f"gives {actor.obs_shape}"
             )
         actor.set_weights(0, {k: v.detach().cpu().numpy() for k, v in policy.state_dict().items()})
-        rollout = actor.rollout(config.num_steps, record_states)
+        rollout = actor.rollout(config.num_steps, steps)
         return rollout, actor.states
     finally:
         actor.close()
@@ -180,7 +182,7 @@ def _analyse(policy, meta, layer: str, config: ProbeConfig, out: Path) -> dict[s
     coinrun = meta.get("env") == "procgen:coinrun"
     # CoinRun: keep the game states of the attributed frames, to label features by object
     steps = sorted({int(i) // config.num_envs for i in idx}) if coinrun else []
-    rollout, states_at = record(policy, meta, config, steps)
+    rollout, states_at = record_with_states(policy, meta, config, steps)
     timings["record_s"] = time.perf_counter() - t0
     frames = rollout.obs.reshape(-1, *rollout.obs.shape[2:])  # (T*N, C, H, W), time-major
     obs = torch.from_numpy(frames[idx])

@@ -243,13 +243,14 @@ def test_labels_from_the_provenance_of_a_real_edit(tmp_path):
                                   workers=0, slots=3), progress=False)  # fmt: skip
     names = [s["label"] for s in summary["checkpoints"].values()]
     assert names == ["coinrun-a step 2048", "nmf:1 of 2b projected out of coinrun-a step 2048"]
+    # the JSON files are written with sorted keys: look checkpoints up by their ids
+    parent_id, child_id = list(summary["checkpoints"])
     results = json.loads((out / "results.json").read_text())
-    edit_rec = list(results["checkpoints"].values())[1]["edit"]
+    edit_rec = results["checkpoints"][child_id]["edit"]
     assert edit_rec["layer"] == "2b" and edit_rec["direction_source"] == "nmf:1"
-    assert list(results["checkpoints"].values())[0]["edit"] is None
+    assert results["checkpoints"][parent_id]["edit"] is None
     marker = json.loads((out / "eval.json").read_text())
-    assert list(marker["labels"].values()) == names
-    child_id = list(results["checkpoints"])[1]
+    assert [marker["labels"][parent_id], marker["labels"][child_id]] == names
     assert marker["tests"]["p"][child_id] == {
         c: v["vs_first"]["p"] for c, v in results["checkpoints"][child_id]["by_category"].items()
     }
@@ -261,9 +262,10 @@ def test_labels_from_the_provenance_of_a_real_edit(tmp_path):
     assert "A  original  (" in done.stdout
     assert "B  nmf:1 of 2b projected out of original  (" in done.stdout
     assert "p=" in done.stdout
-    assert list(json.loads((out / "eval.json").read_text())["labels"].values()) == [
+    relabelled = json.loads((out / "eval.json").read_text())["labels"]
+    assert [relabelled[parent_id], relabelled[child_id]] == [
         "original", "nmf:1 of 2b projected out of original"]  # fmt: skip
-    for bad, says in [("original", "wants NAME=PATH"), (f"x={child}.nope", "not one of the")]:
+    for bad, says in [("original", "wants NAME=PATH"), (f"x={child}.nope", "is not a checkpoint")]:
         line = error_line(loupe("evaluate", "--checkpoint", str(parent), "--levels", "3",
                                 "--out", str(tmp_path / "bad"), "--label", bad))  # fmt: skip
         assert says in line

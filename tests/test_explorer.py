@@ -467,7 +467,10 @@ def test_probe_overlays_become_tensorboard_images(probed, tmp_path):
     images = events.Tags()["images"]
     assert sorted(images) == sorted(f"probe/{t}" for t in tags)
     img = events.Images("probe/attribution/positive-0")[0]
-    assert img.step == 64 and img.width == 64 and img.height == 64
+    from PIL import Image
+
+    with Image.open(probed["probe"] / "nmf/overlay/positive-00000.png") as png:
+        assert img.step == 64 and (img.width, img.height) == png.size  # the probe's own figure
 
 
 @pytest.mark.integration

@@ -226,7 +226,7 @@ def test_killed_learner_stops_the_run_in_one_line_and_resume_continues(tmp_path)
 
 @pytest.mark.integration
 @pytest.mark.parametrize("learners, needle", [
-    ("0", "--learners must be at least 1"),
+    ("0", "argument --learners: must be from 1 to 1024, got 0"),
     ("3", "does not split evenly over 3 learners"),
     ("cpus", "CPUs (one each) but this machine has"),
 ])  # fmt: skip

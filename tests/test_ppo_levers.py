@@ -61,9 +61,12 @@ def assert_same_training(ref, got, start, ref_stats=None, got_stats=None):
     for (name, a), b in zip(ref.state_dict().items(), got.state_dict().values(), strict=True):
         moved = float((a - start[name]).norm())
         assert float((a - b).norm()) <= 0.1 * moved + 1e-9, name
-    for a, b in zip(ref_stats or [], got_stats or [], strict=True):
+    # the first update starts from the same weights: its stats agree closely; later ones start
+    # from weights that already differ by Adam's amplified float noise
+    for i, (a, b) in enumerate(zip(ref_stats or [], got_stats or [], strict=True)):
+        rel = 2e-3 if i == 0 else 2e-2
         for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-5), key
+            assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-5), (i, key)
 
 
 @pytest.mark.unit
