@@ -380,7 +380,7 @@ def test_bad_input_gets_the_right_code_and_the_server_goes_on(client):
 
 def test_short_deadline_is_deadline_exceeded_and_the_server_goes_on(client):
     code, _ = code_and_message(
-        lambda: client.attribute(RUN, "1", obs_batch(16), n_steps=256, timeout=0.005)
+        lambda: client.attribute(RUN, "1", obs_batch(8), n_steps=256, timeout=0.005)
     )
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert client.health() == "SERVING"
