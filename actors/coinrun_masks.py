@@ -23,7 +23,6 @@ sprite count for its class.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 
 import numpy as np
 
@@ -220,11 +219,6 @@ def _bins(size: int, n: int) -> np.ndarray:
     return weights
 
 
-def mask_stack(states: Iterable[CoinRunState], size: int = 64) -> np.ndarray:
-    """(N, C, size, size) masks of several states."""
-    return np.stack([class_masks(s, size) for s in states])
-
-
 __all__ = [
     "CLASSES",
     "CLASS_INDEX",
@@ -233,6 +227,5 @@ __all__ = [
     "class_masks",
     "draw_list",
     "entity_class",
-    "mask_stack",
     "pool_masks",
 ]

@@ -77,14 +77,5 @@ class InvisibleHazards:
         self.env.act(actions)
         self._hide()
 
-    def observe(self) -> Any:
-        return self.env.observe()
-
-    def get_info(self) -> Any:
-        return self.env.get_info()
-
-    def callmethod(self, name: str, *args: Any) -> Any:
-        return self.env.callmethod(name, *args)
-
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> Any:  # observe, get_info, callmethod ... pass through
         return getattr(self.env, name)
