@@ -21,6 +21,10 @@ from loupe.errors import LoupeError
 
 log = logging.getLogger("loupe.distributed")
 
+# Ray starts a default cluster (machine address, dashboard) on the first API call made without
+# ray.init; loupe starts Ray only through init_ray (read when ray is first imported)
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+
 #: restarts Ray grants a dead rollout actor before training gives up
 ACTOR_MAX_RESTARTS = 3
 #: how long a lost batch waits for its restarting actor
@@ -148,8 +152,10 @@ class _ActorPool:
     def close(self) -> None:
         import ray
 
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
+        # after ray.shutdown the actors are gone already, and ray.kill would start a new Ray
+        if ray.is_initialized():
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
         self.actors = []
 
 

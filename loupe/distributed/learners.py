@@ -283,8 +283,9 @@ class DataParallelLearner:
     def close(self) -> None:
         import ray
 
-        for actor in getattr(self, "ranks", []):
-            ray.kill(actor, no_restart=True)
+        if ray.is_initialized():  # after ray.shutdown the actors are gone already
+            for actor in getattr(self, "ranks", []):
+                ray.kill(actor, no_restart=True)
         self.ranks = []
 
     # -- failures ---------------------------------------------------------------------------------
