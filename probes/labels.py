@@ -9,7 +9,10 @@ f (N, h, w) >= 0 (its positive attribution, its negative attribution, or its act
 
 Each position's class shares sum to 1, so each feature's shares over the classes sum to 1. The label
 is the class with the largest share of the feature's whole attribution, good news plus bad news
-(|t| = max(t, 0) + max(-t, 0)), reported with that share.
+(|t| = max(t, 0) + max(-t, 0)), reported with that share. Large classes (background, walls) take
+large shares by area alone, so each class's ``area`` (its share of all positions) and each
+feature's ``lift`` (share / area) are reported beside them: a saw detector puts many times more
+of its attribution on saws than their area would.
 
     labels = label_features(t, masks, classes, activation=a)   # t: (N, K, h, w) NMF feature maps
     labels[0].label, labels[0].share                            # e.g. "saw", 0.71
@@ -71,6 +74,12 @@ class FeatureLabel:
     total: dict[str, float]
     #: share per class of the feature's activation, where given
     activation: dict[str, float] | None = None
+    #: share per class of all positions over the frames (what a feature spread evenly would get)
+    area: dict[str, float] | None = None
+    #: total share / area per class: how much more of the attribution falls on the class than
+    #: its area alone gives (1 = none; a small object's detector scores far above 1); 0 where the
+    #: class covers nothing
+    lift: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,6 +106,9 @@ def label_features(
         "total": class_shares(pos + neg, masks),
     }
     act = class_shares(np.maximum(activation, 0.0), masks) if activation is not None else None
+    area = np.asarray(masks, dtype=np.float64).mean(axis=(0, 2, 3))  # (C,)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lift = np.where(area > 0, parts["total"] / np.where(area > 0, area, 1.0), 0.0)  # (K, C)
     names = list(classes)
     labels = []
     for k in range(features.shape[1]):
@@ -110,6 +122,8 @@ def label_features(
                 negative=_named(parts["negative"][k], names),
                 total=_named(parts["total"][k], names),
                 activation=_named(act[k], names) if act is not None else None,
+                area=_named(area, names),
+                lift=_named(lift[k], names),
             )
         )
     return labels

@@ -47,6 +47,23 @@ def test_mixed_feature_shares_follow_the_mass_and_soft_masks():
         {"background": 0.125, "saw": 0.125, "enemy_left": 0.75}
     )
     assert label.label in ("background", "saw") and label.share == pytest.approx(0.375)
+    # by hand: areas are the mean mask per class, lift = total share / area
+    assert label.area == pytest.approx({"background": 0.25, "saw": 0.25, "enemy_left": 0.5})
+    assert label.lift == pytest.approx({"background": 1.5, "saw": 1.5, "enemy_left": 0.5})
+
+
+@pytest.mark.unit
+def test_lift_finds_a_small_object_detector_that_loses_the_share_to_a_large_class():
+    # 10 positions: 1 saw, 9 background. The feature puts 40% of its mass on the saw.
+    ids = np.zeros((1, 1, 10), int)
+    ids[0, 0, 3] = 1
+    t = np.full((1, 1, 1, 10), 0.6 / 9)
+    t[0, 0, 0, 3] = 0.4
+    (label,) = label_features(t, one_hot_masks(ids), CLASSES)
+    assert label.label == "background" and label.share == pytest.approx(0.6)
+    assert label.lift["saw"] == pytest.approx(0.4 / 0.1)
+    assert label.lift["background"] == pytest.approx(0.6 / 0.9)
+    assert label.lift["enemy_left"] == 0.0  # no enemy anywhere: no lift, not a division by zero
 
 
 @pytest.mark.unit

@@ -63,7 +63,14 @@ def test_study_runs_every_stage_and_resumes_without_redoing_work(tmp_path):
         chosen = study["edits"][edit]
         edited = json.loads(next((out / "edits" / edit).rglob("ckpt-*[0-9].json")).read_text())
         assert edited["edit"]["direction_source"].startswith(f"{chosen['class']} feature nmf:")
-    assert (out / "table.md").read_text().startswith("| model | levels |")
+    table = (out / "table.md").read_text()
+    assert table.startswith("| model | levels |")
+    labels = json.loads((out / "labels.json").read_text())["labels"]
+    assert [f["feature"] for f in study["features"]] == [f["feature"] for f in labels]
+    for f in labels:  # one table row per feature, with its label and its saw share and lift
+        row = f"| nmf:{f['feature']} | {f['label']} {100 * f['share']:.1f}% | "
+        row += f"{100 * f['total']['saw']:.1f}% ({f['lift']['saw']:.1f}x)"
+        assert row in table
     assert (out / "study.png").stat().st_size > 10_000
     # a killed evaluation: drop half the records of one model; the rerun plays only those levels
     records = sorted((out / "eval" / "models").glob("*.jsonl"))[1]
