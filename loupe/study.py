@@ -27,6 +27,8 @@ from loupe.errors import LoupeError
 CAUSES = ("saw", "enemy_left", "enemy_right", "lava", "multiple")
 #: the edits: name -> the object class whose feature is projected out
 EDITS = {"saw-blind": "saw", "enemy_left-blind": "enemy_left"}
+#: the invisible control must raise its group's failures at this significance for a blindness ratio
+BLINDNESS_ALPHA = 0.05
 #: the seed article's table (% of 10,000 levels failed by cause; "other" = lava + multiple)
 ARTICLE = {
     "original": {"saw": 0.37, "enemy_left": 0.16, "enemy_right": 0.12, "other": 0.08},
@@ -292,12 +294,28 @@ def _tests(base: dict[str, Any], other: dict[str, Any]) -> dict[str, dict[str, f
 
 
 def _blindness(rows: dict[str, Any], edit: str, cls: str) -> dict[str, Any]:
-    """(edit's increase in ``cls`` failures) / (the invisible control's increase)."""
+    """(edit's increase in ``cls`` failures) / (the invisible control's increase).
+
+    The ratio is only defined where hiding the group raised its failures beyond chance (Fisher's
+    exact test, p < ``BLINDNESS_ALPHA``): an agent that ignores the group fails as often with it
+    invisible, and a ratio of two noise-sized increases would mean nothing.
+    """
+    from scipy.stats import fisher_exact
+
     base = rows["original"]["percent"][cls]
     edit_up = rows[edit]["percent"][cls] - base
-    control_up = rows[f"invisible-{cls}"]["percent"][cls] - base
-    ratio = edit_up / control_up if control_up > 0 else None
-    return {"edit_increase_pct": edit_up, "invisible_increase_pct": control_up, "ratio": ratio}
+    control = rows[f"invisible-{cls}"]
+    control_up = control["percent"][cls] - base
+    a, n1 = rows["original"]["counts"][cls], rows["original"]["levels"]
+    b, n2 = control["counts"][cls], control["levels"]
+    _, p = fisher_exact([[a, n1 - a], [b, n2 - b]])
+    ratio = edit_up / control_up if control_up > 0 and p < BLINDNESS_ALPHA else None
+    return {
+        "edit_increase_pct": edit_up,
+        "invisible_increase_pct": control_up,
+        "invisible_p": float(p),
+        "ratio": ratio,
+    }
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -322,9 +340,10 @@ def format_study(study: dict[str, Any]) -> str:
     for edit, chosen in study["edits"].items():
         b = study["blindness"][edit]
         ratio = (
-            "n/a (the invisible control did not raise failures)"
-            if b["ratio"] is None
-            else f"{b['ratio']:.2f}"
+            f"{b['ratio']:.2f}"
+            if b["ratio"] is not None
+            else "n/a (hiding the group did not raise its failures beyond chance, "
+            f"p={b.get('invisible_p', 1.0):.2g}: the agent does not react to it)"
         )
         lines.append(
             f"- {edit}: feature nmf:{chosen['feature']} of layer {study['layer']} "

@@ -118,5 +118,14 @@ def test_blindness_ratio_and_fisher_tests_on_known_counts():
     assert tests["enemy_left"]["p"] == pytest.approx(1.0)
     rows["invisible-saw"] = row(37)
     assert _blindness(rows, "saw-blind", "saw")["ratio"] is None
+    # a rise within chance (the shipped agent at 1000 levels: 31.9% -> 32.1%) gives no ratio
+    rows = {
+        "original": row(319, 1000),
+        "saw-blind": row(331, 1000),
+        "invisible-saw": row(321, 1000),
+    }
+    b = _blindness(rows, "saw-blind", "saw")
+    assert b["ratio"] is None and b["invisible_p"] > 0.5
+    assert b["invisible_increase_pct"] == pytest.approx(0.2)
     with pytest.raises(LoupeError, match="--levels must be positive"):
         StudyConfig(checkpoint="x", out="y", levels=0)
