@@ -198,6 +198,31 @@ def test_sigterm_is_forwarded_and_nothing_restarts(tmp_path):
 
 
 @pytest.mark.unit
+def test_a_killed_supervisor_takes_its_learner_along(tmp_path):
+    """SIGKILL to the supervisor: the learner gets SIGTERM (it checkpoints and exits)."""
+    import subprocess
+
+    run = tmp_path / "run"
+    code = (
+        "import sys; from loupe.supervise import Supervisor, SuperviseConfig; "
+        "cmd = [sys.executable, '-c', sys.argv[1], sys.argv[2]]; "
+        "Supervisor(cmd + ['first', 'sleep'], cmd + ['resume', 'sleep'], sys.argv[2]).run()"
+    )
+    sup = subprocess.Popen([sys.executable, "-c", code, CHILD, str(run)])
+    deadline = time.monotonic() + 30
+    while not (run / "ready").exists():
+        assert time.monotonic() < deadline and sup.poll() is None
+        time.sleep(0.05)
+    child = int((run / "ready").read_text())
+    sup.kill()
+    sup.wait()
+    while alive(child):
+        assert time.monotonic() < deadline + 30, "the learner outlived its supervisor"
+        time.sleep(0.05)
+    assert (run / "got").read_text() == "TERM"
+
+
+@pytest.mark.unit
 def test_what_a_killed_child_left_in_its_process_group_is_killed(tmp_path):
     run = tmp_path / "run"
     cleaned = []
