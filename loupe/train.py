@@ -385,12 +385,9 @@ class Trainer:
                     stats["mean_return_100"] = float(np.mean(self.returns))
                 if self.version % tb_every == 0 or self.learner.global_step >= total:
                     step = self.learner.global_step
-                    if episodes:
-                        rets, lengths = zip(*episodes, strict=True)
-                        writer.add_scalar("episode/return", float(np.mean(rets)), step)
-                        writer.add_scalar("episode/length", float(np.mean(lengths)), step)
-                        writer.add_scalar("episode/count", len(episodes), step)
-                        episodes.clear()
+                    for tag, value in episode_scalars(episodes).items():
+                        writer.add_scalar(tag, value, step)
+                    episodes.clear()
                     for key, value in stats.items():
                         writer.add_scalar(f"train/{key}", value, step)
                 bar.update(max(batch - counted, 0))
@@ -440,6 +437,19 @@ class Trainer:
                 )
             self.close_bus()
         return last
+
+
+def episode_scalars(episodes: list[tuple[float, int]]) -> dict[str, float]:
+    """One TensorBoard point for the ``(return, length)`` of the episodes finished since the last
+    one: their mean return and length and their count ({} when none finished)."""
+    if not episodes:
+        return {}
+    rets, lengths = zip(*episodes, strict=True)
+    return {
+        "episode/return": float(np.mean(rets)),
+        "episode/length": float(np.mean(lengths)),
+        "episode/count": float(len(episodes)),
+    }
 
 
 def planned_end(done: int, total: int, batch: int) -> int:
