@@ -230,10 +230,7 @@ class IntegratedGradients:
         """
         policy, n, k = self.policy, self.n_steps, weights.shape[0]
         alphas = riemann_alphas(n, a)
-        z_shape = a.shape[1:]
-        if reader is not None:
-            with torch.no_grad():
-                z_shape = reader(_reader_input(reader, a[:1])).shape[1:]
+        z_shape = a.shape[1:] if reader is None else self._reader_out_shape
         out = torch.zeros((k, a.shape[0], *z_shape), dtype=a.dtype, device=a.device)
         # held per row: the suffix's saved activations (a few layer-sized tensors) and the
         # gradients (one target's in the loop, all K batched)
@@ -266,18 +263,27 @@ class IntegratedGradients:
         return _reader_input_grad(reader, out, a.shape[1:])
 
     def _sole_linear_reader(self, a: torch.Tensor) -> nn.Conv2d | nn.Linear | None:
-        """The Conv2d/Linear that is the layer's only reader, checked on one observation: it
-        receives the activation unchanged, is called once, and no gradient reaches the activation
-        past it. None where any of that fails (then the backward runs through it on every step)."""
+        """The Conv2d/Linear that is the layer's only reader, checked once per activation shape on
+        two observations: it receives the activation unchanged, is called once, and no gradient
+        reaches the activation past it. None where any of that fails (then the backward runs
+        through it on every step)."""
+        key = (tuple(a.shape[1:]), a.dtype, a.device)
+        if getattr(self, "_reader_key", None) != key:
+            self._reader, self._reader_out_shape = self._find_reader(a[:1].expand(2, *a.shape[1:]))
+            self._reader_key = key
+        return self._reader
+
+    def _find_reader(self, a2: torch.Tensor) -> tuple[nn.Conv2d | nn.Linear | None, Any]:
+        # two rows, not one: a batch of one takes slower kernels on CPU
         try:
             m = self.policy.next_layer(self.layer)
         except (LoupeError, AttributeError):
-            return None
+            return None, None
         if type(m) is nn.Conv2d and m.padding_mode == "zeros":
             pass
         elif type(m) is not nn.Linear:
-            return None
-        x = a[:1].clone().requires_grad_(True)
+            return None, None
+        x = a2.clone().requires_grad_(True)
         want = _reader_input(m, x)
         z = m(want).detach().requires_grad_(True)
         seen: list[bool] = []
@@ -289,11 +295,13 @@ class IntegratedGradients:
         with torch.enable_grad(), _forward_replaced(m, forward):
             logits, value = self.policy.forward_from(self.layer, x)
         if seen != [True]:
-            return None
+            return None, None
         gx, gz = torch.autograd.grad(
             logits.sum() + value.sum(), (x, z), allow_unused=True, materialize_grads=False
         )
-        return m if (gx is None or not gx.any()) and gz is not None else None
+        if (gx is None or not gx.any()) and gz is not None:
+            return m, z.shape[1:]
+        return None, None
 
     def _input_gradient(self, obs, names, weights) -> Attribution:
         x = obs.float() / 255.0 if obs.dtype == torch.uint8 else obs.clone()
