@@ -177,10 +177,13 @@ def test_benchmark_reports_times_and_agreement():
     torch.manual_seed(4)
     policy = build_policy("nature", (4, 84, 84), 3)
     obs = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
-    res = benchmark_ig_vs_captum(policy, obs, "c3", n_steps=3)
-    assert set(res) == {"ours_s", "captum_s", "ratio", "max_abs_diff"}
+    res = benchmark_ig_vs_captum(policy, obs, "c3", n_steps=3, repeats=2)
+    assert set(res) == {"ours_s", "captum_s", "ratio", "ours_cpu_s", "captum_cpu_s", "cpu_ratio",
+                        "max_abs_diff", "runs"}  # fmt: skip
     assert res["ours_s"] > 0 and res["captum_s"] > 0
     assert res["ratio"] == pytest.approx(res["captum_s"] / res["ours_s"])
+    assert [len(res["runs"][k]) for k in ("ours", "captum")] == [2, 2]
+    assert res["ours_s"] == min(r["wall_s"] for r in res["runs"]["ours"])
     assert res["max_abs_diff"] < 1e-4
 
 
