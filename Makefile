@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loupe-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup chromium check lint format test test-all bench bench-gpu bench-peer bench-placement demo protos clean
+.PHONY: setup chromium check lint format test test-all bench bench-gpu bench-peer bench-peer-ig bench-placement demo protos clean
 
 setup: $(STAMP) chromium
 
@@ -73,6 +73,11 @@ $(PEER_STAMP):
 bench-peer: setup $(PEER_STAMP)
 	$(VENV)/bin/loupe bench --only peer --only ig_captum --peer-python $(PEER_VENV)/bin/python \
 		--out bench/peer.json $(PEER_ARGS)
+
+# the IG part of bench-peer alone (loupe and Captum alternated at B = 16, 64, 256; no cleanrl
+# needed): replaces bench/peer.json's ig_captum section and keeps the rest
+bench-peer-ig: setup
+	$(VENV)/bin/loupe bench --only ig_captum --merge --out bench/peer.json
 
 # actor (lag 1) vs central inference, 5 seeds x 160k CoinRun steps each, classic PPO; then the actor
 # placement again with decoupled PPO (about 70 min on 2 cores in all); resumable, finished runs are kept

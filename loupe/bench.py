@@ -853,13 +853,18 @@ def bench_ig_captum(opts: dict[str, Any]) -> dict[str, Any]:
     from attention import build_policy
     from probes.attribution import benchmark_ig_vs_captum
 
-    out: dict[str, Any] = {"n_steps": 10, "targets": 16}
+    out: dict[str, Any] = {"n_steps": 10, "targets": 16, "rounds": opts["rounds"]}
+    out["load_average_before"] = list(os.getloadavg())
     for name, layer in (("impala", "s2"), ("interpretable", "2b")):
         torch.manual_seed(0)
         policy = build_policy(name, (3, 64, 64), 15)
         for b in opts["ig_batches"]:
             obs = torch.randint(0, 256, (b, 3, 64, 64), dtype=torch.uint8)
-            out[f"{name}/{layer}/B={b}"] = benchmark_ig_vs_captum(policy, obs, layer, repeats=1)
+            out[f"{name}/{layer}/B={b}"] = benchmark_ig_vs_captum(
+                policy, obs, layer, repeats=opts["rounds"]
+            )
+    out["load_average_after"] = list(os.getloadavg())
+    out["order"] = "per batch size: loupe, Captum, loupe, Captum, ... (rounds alternations)"
     out["target"] = ">= 1.5x of 16 Captum calls at every B, max abs diff <= 1e-5"
     return out
 

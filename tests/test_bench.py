@@ -61,3 +61,41 @@ def test_update_lever_worker_reports_rate_and_cpu_times():
     out = update_step_worker("impala", {"micro_batch": 32}, minibatch=64, steps=1)
     assert out["samples_per_s"] > 0 and out["user_s"] > 0 and out["system_s"] >= 0
     assert out["precision"] in ("fp32", "bf16")
+
+
+@pytest.mark.unit
+def test_merge_replaces_only_the_sections_this_run_writes(tmp_path, monkeypatch, capsys):
+    import json
+
+    from loupe import bench
+    from loupe.cli import main
+
+    monkeypatch.setitem(bench.BENCHMARKS, "tiny", lambda opts: {"figure": 2.0})
+    out = tmp_path / "peer.json"
+    out.write_text(json.dumps({"peer": {"ratio": 0.5}, "tiny": {"figure": 1.0}}))
+    assert main(["bench", "--only", "tiny", "--merge", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["peer"] == {"ratio": 0.5}
+    assert data["tiny"]["figure"] == 2.0 and "machine" in data
+    # without --merge the file holds this run alone
+    assert main(["bench", "--only", "tiny", "--out", str(out)]) == 0
+    assert "peer" not in json.loads(out.read_text())
+
+
+@pytest.mark.unit
+def test_merge_into_a_file_that_is_not_json_stops_before_running(tmp_path, monkeypatch, capsys):
+    from loupe import bench
+    from loupe.cli import main
+
+    ran = []
+    monkeypatch.setitem(bench.BENCHMARKS, "tiny", lambda opts: ran.append(1) or {"figure": 1.0})
+    out = tmp_path / "peer.json"
+    for text, want in (("{not json", "malformed JSON"), ("[1, 2]", "no JSON object")):
+        out.write_text(text)
+        capsys.readouterr()
+        assert main(["bench", "--only", "tiny", "--merge", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("loupe: error:") and want in err[0]
+        assert out.read_text() == text and not ran
+    assert main(["bench", "--gpu", "--merge", "--out", str(out)]) == 2
+    assert "--merge" in capsys.readouterr().err

@@ -15,6 +15,9 @@ def register(sub) -> None:
                    help="JSON output file (default: bench/results.json, with --gpu bench/gpu.json)")  # fmt: skip
     p.add_argument("--only", action="append", default=[],
                    help="run only this benchmark, repeatable (default: all)")  # fmt: skip
+    p.add_argument("--merge", action="store_true",
+                   help="keep the sections of an existing --out file that this run does not "
+                   "write, e.g. --only ig_captum --merge --out bench/peer.json (default: off)")  # fmt: skip
     p.add_argument("--seconds", type=float_range(0.0, 3600.0, lo_open=True), default=3.0,
                    help="seconds per throughput figure")  # fmt: skip
     p.add_argument("--updates", type=int_range(1, 10_000), default=3,
@@ -60,6 +63,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.gpu:
         if args.only:
             raise LoupeError("--only selects `loupe bench` figures; --gpu runs its own set")
+        if args.merge:
+            raise LoupeError("--merge keeps sections of `loupe bench` files; --gpu writes its own")
         if args.budget_s <= 0:
             raise LoupeError(f"--budget-s must be positive, got {args.budget_s}")
         out = check_out(args.out or "bench/gpu.json", "--out", kind="file")
@@ -71,6 +76,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         unknown = [n for n in args.only if n not in BENCHMARKS]
         if unknown:
             raise LoupeError(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}")
+        kept = _kept_sections(out) if args.merge else {}
         results = run_benchmarks(
             BenchConfig(
                 only=tuple(args.only),
@@ -85,8 +91,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 steps=args.steps,
             )
         )
+    if args.merge:
+        results = {**kept, **results}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_json(out, results)
     print(json.dumps(results, indent=2, sort_keys=True))
     print(f"written to {out}")
     return 0
+
+
+def _kept_sections(out) -> dict:
+    """The sections of an existing ``--out`` file for --merge (read before anything runs)."""
+    from loupe.config import load_json
+
+    if not out.exists():
+        return {}
+    data = load_json(out)
+    if not isinstance(data, dict):
+        raise LoupeError(f"--merge: {out} holds no JSON object; leave out --merge to replace it")
+    return data
