@@ -71,6 +71,48 @@ def test_action_groups_of_procgen_combos():
 
 
 @pytest.mark.unit
+def test_auto_targets_are_the_value_and_the_action_groups():
+    groups = bundle.action_groups(bundle.action_names(15, {}))
+    names, _ = bundle.resolve_targets(["auto"], 15, groups)
+    assert names == ["value", "group:left", "group:right", "group:up", "group:down"]
+    for bad in ("logit:15", "logit:x", "logit:-1"):
+        with pytest.raises(LoupeError, match="logits 0..14"):
+            bundle.resolve_targets([bad], 15, groups)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("h, w, radius", [(16, 16, 7), (5, 9, 2), (8, 8, 0)])
+def test_smoothing_matrix_matches_the_disk_convolution(h, w, radius):
+    from probes.render import smooth
+
+    x = np.random.default_rng(0).random((3, 4, h, w))
+    ref = smooth(x, radius)  # 2-D convolution with zero padding, float64
+    got = (x.reshape(-1, h * w).astype(np.float32) @ bundle.smooth_matrix(h, w, radius)).reshape(
+        x.shape
+    )
+    assert np.allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_saliency_frames_sample_the_bookmarks_and_every_nth_frame():
+    from probes.gae_scan import Bookmark
+
+    marks = [Bookmark(kind="high", env=1, t=5, advantage=1.0, value=0.0, reward=0.0, episode=0),
+             Bookmark(kind="low", env=0, t=9, advantage=-1.0, value=0.0, reward=0.0, episode=0)]  # fmt: skip
+    cfg = bundle.BundleConfig(saliency_every=4)
+    assert bundle.saliency_frames(cfg, 10, marks, 0, "gradient") == [0, 4, 8, 9]
+    assert bundle.saliency_frames(cfg, 10, marks, 1, "smoothgrad") == [0, 4, 5, 8]
+    assert bundle.saliency_frames(cfg, 10, marks, 1, "perturbation") == [5]
+    every = bundle.BundleConfig(saliency="all")
+    assert bundle.saliency_frames(every, 3, marks, 0, "perturbation") == [0, 1, 2]
+    assert bundle.saliency_kinds(bundle.BundleConfig(saliency="none")) == []
+    assert bundle.saliency_kinds(bundle.BundleConfig(perturbation_stride=0)) == [
+        "gradient", "smoothgrad"]  # fmt: skip
+    with pytest.raises(LoupeError, match="--saliency"):
+        bundle.BundleConfig(saliency="some")
+
+
+@pytest.mark.unit
 def test_nmf_rebuilt_from_directions_transforms_like_the_fitted_one():
     from probes.nmf import fit_attribution_nmf
 
