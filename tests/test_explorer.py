@@ -22,6 +22,7 @@ from loupe.explorer import bundle
 from loupe.explorer.server import BundleServer, is_loopback
 
 CHROMIUM = "/usr/bin/chromium"
+AGENT = Path(__file__).resolve().parents[1] / "agents" / "coinrun-interpretable"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 PROBE = ["--num-envs", "2", "--num-steps", "32", "--ig-samples", "16", "--smoothgrad-copies", "2",
@@ -188,9 +189,19 @@ def probed(tmp_path_factory) -> dict[str, Path]:
     write_evaluation(partial, done=False)
     partialview = root / "partialview"
     bundle.build_eval_bundle(partial, partialview)
+    # a real evaluation of the shipped agent (a few of its levels fail), exported with the first
+    # failed level of each cause replayed
+    realeval = root / "real-eval"
+    proc = loupe("evaluate", "--checkpoint", str(AGENT), "--levels", "6", "--workers", "0",
+                 "--slots", "3", "--out", str(realeval), "--no-progress")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    replayview = root / "replayview"
+    proc = loupe("view", "--eval", str(realeval), "--export", str(replayview), "--ig-steps", "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
     return {"root": root, "run": run, "ckpt": ckpt, "probe": probe, "view": view,
             "runview": runview, "emptyview": emptyview, "evalview": evalview,
-            "partialview": partialview, "evaldir": evaldir}  # fmt: skip
+            "partialview": partialview, "evaldir": evaldir, "realeval": realeval,
+            "replayview": replayview}  # fmt: skip
 
 
 def write_evaluation(out: Path, done: bool) -> None:
@@ -432,17 +443,30 @@ def test_trajectory_page_playback_legend_and_bookmarks(opener, tmp_path):
 @pytest.mark.integration
 def test_the_url_holds_trajectory_frame_target_and_overlay(opener, tmp_path):
     page = opener(
-        "view", "#view=traj&ckpt=c0&traj=1&frame=7&target=group%3Aright&overlay=smoothgrad"
+        "view", "#view=traj&ckpt=c0&traj=1&frame=16&target=group%3Aright&overlay=smoothgrad"
     )
     p = page.page
-    assert page.frame() == 7
+    assert page.frame() == 16
     assert p.input_value("#target") == "group:right" and p.input_value("#overlay") == "smoothgrad"
     assert p.locator(".trajlist button.active").inner_text().strip() == "trajectory 1"
     shot(page, tmp_path / f"linked-{opener.mode}.png")
     before = shot(page, tmp_path / "obs-sg.png", "#obs")
+    assert p.locator("#salnote").inner_text() == ""
     p.select_option("#overlay", "none")
     assert shot(page, tmp_path / "obs-none.png", "#obs") != before
     assert "overlay=none" in p.url
+    # saliency is kept at the bookmarks and every 16th frame: elsewhere the page says so and how
+    # to get it everywhere, and offers the nearest frames that have it
+    p.select_option("#overlay", "smoothgrad")
+    p.keyboard.press("ArrowLeft")
+    note = p.locator("#salnote").inner_text()
+    if p.locator("#salnote button").count():  # frame 15 is not a bookmark of trajectory 1
+        assert "No smoothgrad saliency at frame 15" in note and "--saliency all" in note
+        p.click("#salnote button[data-frame='16']")
+        assert page.frame() == 16 and p.locator("#salnote").inner_text() == ""
+    p.click("#holds summary")
+    holds = p.locator("#holds").inner_text()
+    assert "--target" in holds and "--saliency all" in holds and "group:right" in holds
 
 
 @pytest.mark.integration
@@ -481,6 +505,72 @@ def test_evaluation_page_renders_outcomes_and_progress(opener, tmp_path):
     partial = opener("partialview")
     assert "still being written" in partial.page.locator("#inprogress").inner_text()
     assert "9 / 20 levels" in partial.page.locator("main").inner_text()
+
+
+@pytest.mark.integration
+def test_failed_level_opens_as_its_replayed_trajectory_page(opener, probed, tmp_path):
+    records = [json.loads(line) for f in probed["realeval"].glob("*.jsonl")
+               for line in f.read_text().splitlines()]  # fmt: skip
+    failed = sorted((r for r in records if r["outcome"] != "complete"), key=lambda r: r["level"])
+    assert failed, "the shipped agent failed none of its 6 levels here; evaluate more"
+    page = opener("replayview")
+    p = page.page
+    assert "replayed from the level seed" in p.locator("#replaynote").inner_text()
+    link = p.locator(".levels a.level").first
+    level = int(link.get_attribute("data-level"))
+    p.locator(".levels details").first.locator("summary").click()
+    shot(page, tmp_path / f"eval-replays-{opener.mode}.png")
+    link.click()
+    p.wait_for_selector("#replay")
+    p.wait_for_selector("#app[data-ready='1']")
+    record = next(r for r in records if r["level"] == level)
+    banner = p.locator("#replay")
+    assert banner.get_attribute("data-match") == "1"
+    assert (
+        f"level {level}" in banner.inner_text()
+        and "the same as the evaluation" in banner.inner_text()
+    )
+    assert f"/ {record['length'] - 1} " in p.locator("#frameinfo").inner_text()
+    shot(page, tmp_path / f"replay-{opener.mode}.png")
+    p.keyboard.press("ArrowRight")
+    assert page.frame() == 1
+
+
+@pytest.mark.integration
+def test_served_evaluation_replays_a_clicked_level_on_request(probed, browser):
+    proc = subprocess.Popen([sys.executable, "-m", "loupe.cli", "view", "--eval",
+                             str(probed["realeval"]), "--ig-steps", "4"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        url = line.split(" at ")[1].split()[0]
+        page = Page(browser, url.split("index.html")[0])
+        page.open(url)
+        p = page.page
+        assert p.locator(".levels a.level").count() == 0  # nothing replayed up front when serving
+        p.locator(".levels details").first.locator("summary").click()
+        button = p.locator(".levels button.level").first
+        level = button.get_attribute("data-level")
+        button.click()
+        p.wait_for_selector("#replay", timeout=300_000)
+        assert p.locator("#replay").get_attribute("data-match") == "1"
+        assert f"level {level}" in p.locator("#replay").inner_text()
+        # back on the evaluation page the level is now a link to its page
+        p.click("#replay a")
+        p.wait_for_selector(f".levels a.level[data-level='{level}']", state="attached")
+        # the api refuses a request without its header, and a level that was not played
+        api = url.split("index.html")[0] + "api/replay?label=x&level=1"
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(urllib.request.Request(api, method="POST"), timeout=30)
+        assert err.value.code == 403
+        req = urllib.request.Request(api, method="POST", headers={"X-Loupe-Request": "1"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=60)
+        assert err.value.code == 400 and "no result" in json.loads(err.value.read())["error"]
+        page.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
 
 
 @pytest.mark.integration

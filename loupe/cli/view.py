@@ -106,8 +106,6 @@ def _probe_checkpoint(args, work: Path) -> Path:
     from probes.suite import run_suite
 
     ckpt = Path(args.checkpoint)
-    if not ckpt.exists():
-        raise LoupeError(f"checkpoint {ckpt} does not exist")
     ns = argparse.Namespace(layer=None, num_envs=args.num_envs or 8, num_steps=args.num_steps or 128,
                             ig_samples=64, nmf_components=8, smoothgrad_copies=8)  # fmt: skip
     out = work / "probe"
@@ -128,6 +126,11 @@ def cmd_view(args: argparse.Namespace) -> int:
             "(or leave --host at 127.0.0.1)"
         )
     config = _config(args)
+    if args.checkpoint:
+        from learner.checkpoint import find_checkpoint
+
+        # a run directory (agents/coinrun-interpretable) means its newest checkpoint
+        args.checkpoint = str(find_checkpoint(args.checkpoint, say=_progress))
     if (args.replays is not None or args.replay) and not args.eval:
         raise LoupeError("--replays and --replay replay failed levels of an evaluation; use --eval")
     export = _check_export(args.export) if args.export else None

@@ -652,7 +652,7 @@ var LOUPE = (function () {
       });
       return el("div", { class: "chart" }, [s]);
     }
-    return LOUPE.load("eval").then(function (data) {
+    return LOUPE.load("eval", served).then(function (data) {
       render(data);
       if (served && !data.complete) timers.push(setInterval(function () {
         LOUPE.load("eval", true).then(function (d) { if (d.updated !== data.updated) { data = d; render(d); } }).catch(function () {});
