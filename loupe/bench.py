@@ -945,8 +945,9 @@ def bench_profile(opts: dict[str, Any]) -> dict[str, Any]:
 @benchmark("explorer")
 def bench_explorer(opts: dict[str, Any]) -> dict[str, Any]:
     """`loupe view` of one checkpoint: 8 trajectories x 256 frames, IG + NMF at the analysis layer
-    (random-weights interpretable network on CoinRun): bundle build time and size, and the time
-    from opening the page in Chromium to its first frame drawn, from the loopback server."""
+    (random-weights interpretable network on CoinRun): bundle build time and size with the default
+    settings (torch's threads, then one thread), and the time from opening the page in Chromium to
+    its first frame drawn, from the loopback server."""
     import os
     from pathlib import Path
 
@@ -962,6 +963,7 @@ def bench_explorer(opts: dict[str, Any]) -> dict[str, Any]:
         "frames": 256,
         "policy": "interpretable",
         "layer": "2b",
+        "load_avg_start": list(os.getloadavg()),
     }
     with tempfile.TemporaryDirectory(prefix="loupe-bench-view-") as tmp:
         policy = build_policy("interpretable", (3, 64, 64), 15)
@@ -978,9 +980,21 @@ def bench_explorer(opts: dict[str, Any]) -> dict[str, Any]:
         # CPU seconds of this process (all its threads): a figure less disturbed by other work
         out["build_cpu_s"] = time.process_time() - c0
         out["build_timings"] = built["timings"]
+        out["torch_threads"] = torch.get_num_threads()
         out["targets"] = built["targets"]
+        out["saliency"] = {k: v.get("where", "every frame") for k, v in built["saliency"].items()}
+        out["on_request"] = ("loupe view --target logit:I (other targets), --saliency all (saliency "
+                             "at every frame), --saliency-every N, --ig-steps N, "
+                             "--tsne-iterations N")  # fmt: skip
         out["size_mb"] = bundle_size(Path(tmp) / "view") / 1e6
         out["first_frame_s"] = _first_frame_s(Path(tmp) / "view", BundleServer)
+        t0, c0 = time.perf_counter(), time.process_time()
+        one = build_probe_bundle(Path(tmp) / "probe", Path(tmp) / "view1",
+                                 BundleConfig(torch_threads=1))  # fmt: skip
+        out["build_threads1_s"] = time.perf_counter() - t0
+        out["build_threads1_cpu_s"] = time.process_time() - c0
+        out["build_threads1_timings"] = one["timings"]
+    out["load_avg_end"] = list(os.getloadavg())
     out["cpus"] = os.cpu_count()
     out["target"] = "build < 120 s on 2 cores, size < 30 MB, first frame < 1 s"
     return out

@@ -22,6 +22,7 @@ from loupe.explorer import bundle
 from loupe.explorer.server import BundleServer, is_loopback
 
 CHROMIUM = "/usr/bin/chromium"
+AGENT = Path(__file__).resolve().parents[1] / "agents" / "coinrun-interpretable"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 PROBE = ["--num-envs", "2", "--num-steps", "32", "--ig-samples", "16", "--smoothgrad-copies", "2",
@@ -68,6 +69,48 @@ def test_action_groups_of_procgen_combos():
     assert specs == ["value", ("right", [6, 7, 8]), "logit:3"]
     with pytest.raises(LoupeError, match="unknown action group"):
         bundle.resolve_targets(["group:fly"], 15, groups, np.zeros((2, 2), int))
+
+
+@pytest.mark.unit
+def test_auto_targets_are_the_value_and_the_action_groups():
+    groups = bundle.action_groups(bundle.action_names(15, {}))
+    names, _ = bundle.resolve_targets(["auto"], 15, groups)
+    assert names == ["value", "group:left", "group:right", "group:up", "group:down"]
+    for bad in ("logit:15", "logit:x", "logit:-1"):
+        with pytest.raises(LoupeError, match="logits 0..14"):
+            bundle.resolve_targets([bad], 15, groups)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("h, w, radius", [(16, 16, 7), (5, 9, 2), (8, 8, 0)])
+def test_smoothing_matrix_matches_the_disk_convolution(h, w, radius):
+    from probes.render import smooth
+
+    x = np.random.default_rng(0).random((3, 4, h, w))
+    ref = smooth(x, radius)  # 2-D convolution with zero padding, float64
+    got = (x.reshape(-1, h * w).astype(np.float32) @ bundle.smooth_matrix(h, w, radius)).reshape(
+        x.shape
+    )
+    assert np.allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_saliency_frames_sample_the_bookmarks_and_every_nth_frame():
+    from probes.gae_scan import Bookmark
+
+    marks = [Bookmark(kind="high", env=1, t=5, advantage=1.0, value=0.0, reward=0.0, episode=0),
+             Bookmark(kind="low", env=0, t=9, advantage=-1.0, value=0.0, reward=0.0, episode=0)]  # fmt: skip
+    cfg = bundle.BundleConfig(saliency_every=4)
+    assert bundle.saliency_frames(cfg, 10, marks, 0, "gradient") == [0, 4, 8, 9]
+    assert bundle.saliency_frames(cfg, 10, marks, 1, "smoothgrad") == [0, 4, 5, 8]
+    assert bundle.saliency_frames(cfg, 10, marks, 1, "perturbation") == [5]
+    every = bundle.BundleConfig(saliency="all")
+    assert bundle.saliency_frames(every, 3, marks, 0, "perturbation") == [0, 1, 2]
+    assert bundle.saliency_kinds(bundle.BundleConfig(saliency="none")) == []
+    assert bundle.saliency_kinds(bundle.BundleConfig(perturbation_stride=0)) == [
+        "gradient", "smoothgrad"]  # fmt: skip
+    with pytest.raises(LoupeError, match="--saliency"):
+        bundle.BundleConfig(saliency="some")
 
 
 @pytest.mark.unit
@@ -146,9 +189,19 @@ def probed(tmp_path_factory) -> dict[str, Path]:
     write_evaluation(partial, done=False)
     partialview = root / "partialview"
     bundle.build_eval_bundle(partial, partialview)
+    # a real evaluation of the shipped agent (a few of its levels fail), exported with the first
+    # failed level of each cause replayed
+    realeval = root / "real-eval"
+    proc = loupe("evaluate", "--checkpoint", str(AGENT), "--levels", "6", "--workers", "0",
+                 "--slots", "3", "--out", str(realeval), "--no-progress")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    replayview = root / "replayview"
+    proc = loupe("view", "--eval", str(realeval), "--export", str(replayview), "--ig-steps", "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
     return {"root": root, "run": run, "ckpt": ckpt, "probe": probe, "view": view,
             "runview": runview, "emptyview": emptyview, "evalview": evalview,
-            "partialview": partialview, "evaldir": evaldir}  # fmt: skip
+            "partialview": partialview, "evaldir": evaldir, "realeval": realeval,
+            "replayview": replayview}  # fmt: skip
 
 
 def write_evaluation(out: Path, done: bool) -> None:
@@ -390,17 +443,30 @@ def test_trajectory_page_playback_legend_and_bookmarks(opener, tmp_path):
 @pytest.mark.integration
 def test_the_url_holds_trajectory_frame_target_and_overlay(opener, tmp_path):
     page = opener(
-        "view", "#view=traj&ckpt=c0&traj=1&frame=7&target=group%3Aright&overlay=smoothgrad"
+        "view", "#view=traj&ckpt=c0&traj=1&frame=16&target=group%3Aright&overlay=smoothgrad"
     )
     p = page.page
-    assert page.frame() == 7
+    assert page.frame() == 16
     assert p.input_value("#target") == "group:right" and p.input_value("#overlay") == "smoothgrad"
     assert p.locator(".trajlist button.active").inner_text().strip() == "trajectory 1"
     shot(page, tmp_path / f"linked-{opener.mode}.png")
     before = shot(page, tmp_path / "obs-sg.png", "#obs")
+    assert p.locator("#salnote").inner_text() == ""
     p.select_option("#overlay", "none")
     assert shot(page, tmp_path / "obs-none.png", "#obs") != before
     assert "overlay=none" in p.url
+    # saliency is kept at the bookmarks and every 16th frame: elsewhere the page says so and how
+    # to get it everywhere, and offers the nearest frames that have it
+    p.select_option("#overlay", "smoothgrad")
+    p.keyboard.press("ArrowLeft")
+    note = p.locator("#salnote").inner_text()
+    if p.locator("#salnote button").count():  # frame 15 is not a bookmark of trajectory 1
+        assert "No smoothgrad saliency at frame 15" in note and "--saliency all" in note
+        p.click("#salnote button[data-frame='16']")
+        assert page.frame() == 16 and p.locator("#salnote").inner_text() == ""
+    p.click("#holds summary")
+    holds = p.locator("#holds").inner_text()
+    assert "--target" in holds and "--saliency all" in holds and "group:right" in holds
 
 
 @pytest.mark.integration
@@ -439,6 +505,72 @@ def test_evaluation_page_renders_outcomes_and_progress(opener, tmp_path):
     partial = opener("partialview")
     assert "still being written" in partial.page.locator("#inprogress").inner_text()
     assert "9 / 20 levels" in partial.page.locator("main").inner_text()
+
+
+@pytest.mark.integration
+def test_failed_level_opens_as_its_replayed_trajectory_page(opener, probed, tmp_path):
+    records = [json.loads(line) for f in probed["realeval"].glob("*.jsonl")
+               for line in f.read_text().splitlines()]  # fmt: skip
+    failed = sorted((r for r in records if r["outcome"] != "complete"), key=lambda r: r["level"])
+    assert failed, "the shipped agent failed none of its 6 levels here; evaluate more"
+    page = opener("replayview")
+    p = page.page
+    assert "replayed from the level seed" in p.locator("#replaynote").inner_text()
+    link = p.locator(".levels a.level").first
+    level = int(link.get_attribute("data-level"))
+    p.locator(".levels details").first.locator("summary").click()
+    shot(page, tmp_path / f"eval-replays-{opener.mode}.png")
+    link.click()
+    p.wait_for_selector("#replay")
+    p.wait_for_selector("#app[data-ready='1']")
+    record = next(r for r in records if r["level"] == level)
+    banner = p.locator("#replay")
+    assert banner.get_attribute("data-match") == "1"
+    assert (
+        f"level {level}" in banner.inner_text()
+        and "the same as the evaluation" in banner.inner_text()
+    )
+    assert f"/ {record['length'] - 1} " in p.locator("#frameinfo").inner_text()
+    shot(page, tmp_path / f"replay-{opener.mode}.png")
+    p.keyboard.press("ArrowRight")
+    assert page.frame() == 1
+
+
+@pytest.mark.integration
+def test_served_evaluation_replays_a_clicked_level_on_request(probed, browser):
+    proc = subprocess.Popen([sys.executable, "-m", "loupe.cli", "view", "--eval",
+                             str(probed["realeval"]), "--ig-steps", "4"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        url = line.split(" at ")[1].split()[0]
+        page = Page(browser, url.split("index.html")[0])
+        page.open(url)
+        p = page.page
+        assert p.locator(".levels a.level").count() == 0  # nothing replayed up front when serving
+        p.locator(".levels details").first.locator("summary").click()
+        button = p.locator(".levels button.level").first
+        level = button.get_attribute("data-level")
+        button.click()
+        p.wait_for_selector("#replay", timeout=300_000)
+        assert p.locator("#replay").get_attribute("data-match") == "1"
+        assert f"level {level}" in p.locator("#replay").inner_text()
+        # back on the evaluation page the level is now a link to its page
+        p.click("#replay a")
+        p.wait_for_selector(f".levels a.level[data-level='{level}']", state="attached")
+        # the api refuses a request without its header, and a level that was not played
+        api = url.split("index.html")[0] + "api/replay?label=x&level=1"
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(urllib.request.Request(api, method="POST"), timeout=30)
+        assert err.value.code == 403
+        req = urllib.request.Request(api, method="POST", headers={"X-Loupe-Request": "1"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=60)
+        assert err.value.code == 400 and "no result" in json.loads(err.value.read())["error"]
+        page.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
 
 
 @pytest.mark.integration

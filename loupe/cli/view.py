@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from loupe.cli.args import int_range, path_arg
+from loupe.cli.args import SEED_MAX, int_range, path_arg
 from loupe.errors import LoupeError
 
 
@@ -42,12 +42,33 @@ def register(sub) -> None:
     p.add_argument("--num-steps", type=int_range(1, 100_000), default=None,
                    help="frames per trajectory (default: the probe's)")  # fmt: skip
     p.add_argument("--target", action="append", default=None, metavar="T",
-                   help="attribution target: value, logit:I, group:NAME (repeatable; default: "
-                   "value, the action groups and the most frequent action's logit)")  # fmt: skip
+                   help="attribution target: value, logit:I, group:NAME, auto (repeatable; "
+                   "default: auto, the value and the action groups)")  # fmt: skip
+    p.add_argument("--ig-steps", type=int_range(1, 1024), default=8,
+                   help="Riemann steps of integrated gradients (default: 8)")  # fmt: skip
+    p.add_argument("--saliency", choices=["sample", "all", "none"], default="sample",
+                   help="frames given gradient, SmoothGrad and perturbation saliency: sample (the "
+                   "GAE bookmarks and every --saliency-every-th frame), all, none (default: "
+                   "sample)")  # fmt: skip
+    p.add_argument("--saliency-every", type=int_range(1, 100_000), default=16,
+                   help="with --saliency sample: every this many frames (default: 16)")  # fmt: skip
+    p.add_argument("--tsne-iterations", type=int_range(250, 100_000), default=500,
+                   help="t-SNE iterations of the embedding (default: 500)")  # fmt: skip
+    p.add_argument("--threads", type=int_range(0, 1024), default=0,
+                   help="torch threads for attribution and saliency; on a busy machine 1 is "
+                   "often faster (default: 0, torch's own choice)")  # fmt: skip
     p.add_argument("--trajectories", choices=["latest", "all", "none"], default="latest",
                    help="--run: which probed checkpoints get trajectory pages (default: latest)")  # fmt: skip
     p.add_argument("--no-embedding", action="store_true",
                    help="skip the t-SNE embedding (default: build it)")  # fmt: skip
+    p.add_argument("--replays", type=int_range(0, 10_000), default=None,
+                   help="--eval: failed levels per cause and checkpoint replayed into trajectory "
+                   "pages up front (default: 1 with --export; 0 when serving, where clicking a "
+                   "failed level replays it)")  # fmt: skip
+    p.add_argument("--replay", action="append", type=int_range(0, SEED_MAX), default=[],
+                   metavar="LEVEL",
+                   help="--eval: replay this failed level (of every checkpoint that failed it), "
+                   "repeatable (default: none)")  # fmt: skip
     p.set_defaults(func=cmd_view)
 
 
@@ -58,7 +79,12 @@ def _config(args):
         num_envs=args.num_envs,
         num_steps=args.num_steps,
         targets=tuple(args.target or ("auto",)),
+        ig_steps=args.ig_steps,
+        saliency=args.saliency,
+        saliency_every=args.saliency_every,
         embedding=not args.no_embedding,
+        tsne_iterations=args.tsne_iterations,
+        torch_threads=args.threads,
     )
 
 
@@ -80,8 +106,6 @@ def _probe_checkpoint(args, work: Path) -> Path:
     from probes.suite import run_suite
 
     ckpt = Path(args.checkpoint)
-    if not ckpt.exists():
-        raise LoupeError(f"checkpoint {ckpt} does not exist")
     ns = argparse.Namespace(layer=None, num_envs=args.num_envs or 8, num_steps=args.num_steps or 128,
                             ig_samples=64, nmf_components=8, smoothgrad_copies=8)  # fmt: skip
     out = work / "probe"
@@ -102,14 +126,21 @@ def cmd_view(args: argparse.Namespace) -> int:
             "(or leave --host at 127.0.0.1)"
         )
     config = _config(args)
+    if args.checkpoint:
+        from learner.checkpoint import find_checkpoint
+
+        # a run directory (agents/coinrun-interpretable) means its newest checkpoint
+        args.checkpoint = str(find_checkpoint(args.checkpoint, say=_progress))
+    if (args.replays is not None or args.replay) and not args.eval:
+        raise LoupeError("--replays and --replay replay failed levels of an evaluation; use --eval")
     export = _check_export(args.export) if args.export else None
     work = Path(tempfile.mkdtemp(prefix="loupe-view-"))
     out = export or work / "bundle"
     refresh = None
     try:
+        api = None
         if args.eval:
-            bundle.build_eval_bundle(args.eval, out)
-            refresh = lambda: bundle.build_eval_bundle(args.eval, out)  # noqa: E731
+            refresh, api = _eval_bundle(args, out, config, live=export is None)
         elif args.run:
             built: dict[str, str] = {}
             bundle.build_run_bundle(args.run, out, config, _progress, args.trajectories, built)
@@ -120,15 +151,19 @@ def cmd_view(args: argparse.Namespace) -> int:
             if args.probe:
                 probe_dir = Path(args.probe)
             else:
-                probe_dir = _existing_probe(Path(args.checkpoint)) or _probe_checkpoint(args, work)
+                probe_dir = bundle.existing_probe(Path(args.checkpoint))
+                probe_dir = probe_dir or _probe_checkpoint(args, work)
             t0 = time.perf_counter()
-            bundle.build_probe_bundle(probe_dir, out, config, _progress)
+            rebuild = f"loupe view --{'probe' if args.probe else 'checkpoint'} " + (
+                args.probe or args.checkpoint
+            )
+            bundle.build_probe_bundle(probe_dir, out, config, _progress, rebuild)
             _progress(f"bundle built in {time.perf_counter() - t0:.1f} s")
         size = bundle.bundle_size(out) / 1e6
         if export is not None:
             print(f"explorer written to {export} ({size:.1f} MB); open {export / 'index.html'}")
             return 0
-        server = BundleServer(out, args.host, args.port, args.token).start()
+        server = BundleServer(out, args.host, args.port, args.token, api).start()
         print(f"loupe view: serving {size:.1f} MB at {server.url}  (Ctrl-C stops)", flush=True)
         stop = threading.Event()
         try:
@@ -156,17 +191,39 @@ def cmd_view(args: argparse.Namespace) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _existing_probe(ckpt: Path) -> Path | None:
-    """A finished probe of this checkpoint in its run (``<run>/probes/step-...``), if any."""
-    from learner.checkpoint import read_meta
+def _eval_bundle(args, out: Path, config, live: bool):
+    """Build the evaluation page (with its up-front replays) -> (refresh, api): ``refresh``
+    rebuilds it as the evaluation advances; ``api`` replays a failed level on request when
+    serving."""
+    from loupe.explorer import bundle
 
-    try:
-        meta = read_meta(ckpt)
-    except LoupeError:
-        return None
-    run = ckpt.resolve().parent.parent
-    d = run / "probes" / f"step-{meta['step']:012d}-{str(meta.get('sha256', ''))[:8]}"
-    from loupe.retention import is_pruned
+    lock = threading.Lock()
+    built: dict[tuple[str, int], str | None] = {}
+    per_cause = args.replays if args.replays is not None else (0 if live else 1)
 
-    # a pruned one keeps its summary only (loupe.retention): probed again, not shown half
-    return d if (d / "summary.json").is_file() and not is_pruned(d) else None
+    def build() -> None:
+        with lock:
+            bundle.build_eval_bundle(args.eval, out, config, per_cause, args.replay, built,
+                                     _progress, live)  # fmt: skip
+
+    build()
+    if not live:
+        return build, None
+
+    def replay(query: dict[str, str]) -> tuple[int, dict]:
+        label, level = query.get("label", ""), query.get("level", "")
+        if not level.isdigit():
+            raise LoupeError(f"level must be a level seed, got {level!r}")
+        with lock:
+            key = built.get((label, int(level)))
+            if key is None:
+                key = bundle.build_replay(out, Path(args.eval), label, int(level), config,
+                                          _progress)["key"]  # fmt: skip
+                built[label, int(level)] = key
+                data = bundle.eval_data(Path(args.eval), built)
+                data["replay_api"] = True
+                bundle.put(out, "eval", data)
+                bundle.write_eval_manifest(out, Path(args.eval), built, True)
+        return 200, {"key": key}
+
+    return build, {"/api/replay": replay}

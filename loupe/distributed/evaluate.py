@@ -233,7 +233,7 @@ def identity(cfg: EvalConfig, targets: list[Target]) -> dict[str, Any]:
     """What eval.json pins (``labels`` and ``tests`` are added when the evaluation finishes)."""
     return {
         "schema": 1,
-        "checkpoints": [{"label": t.label, "sha256": t.sha256} for t in targets],
+        "checkpoints": [{"label": t.label, "sha256": t.sha256, "path": t.path} for t in targets],
         "levels": cfg.levels,
         "start_level": cfg.start_level,
         "seed": cfg.seed,

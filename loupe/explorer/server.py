@@ -7,6 +7,11 @@
 With a token, the first request must carry ``?token=T`` (the printed URL does); the server then
 sets a cookie so the page's own script and image requests pass. Tokens are compared with
 ``hmac.compare_digest``.
+
+``api`` maps paths to functions ``f(query) -> (status, JSON-able body)`` answered on POST, e.g.
+``/api/replay`` (replay a failed level). Such a request must carry the header
+``X-Loupe-Request: 1``: a page of another origin cannot send it without a CORS preflight, which
+this server never grants. A LoupeError becomes status 400 with ``{"error": message}``.
 """
 
 from __future__ import annotations
@@ -16,13 +21,22 @@ import functools
 import hmac
 import http.server
 import ipaddress
+import json
+import logging
 import threading
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from loupe.errors import LoupeError
 
 COOKIE = "loupe_token"
+#: the header every api request carries
+API_HEADER = "X-Loupe-Request"
+
+log = logging.getLogger("loupe.explorer.server")
+Api = dict[str, Callable[[dict[str, str]], tuple[int, Any]]]
 
 
 def is_loopback(host: str) -> bool:
@@ -36,6 +50,7 @@ def is_loopback(host: str) -> bool:
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
     token: str | None = None
+    api: Api = {}
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         pass
@@ -79,6 +94,39 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.send_header("Set-Cookie", cookie)
             self._cookie = None
 
+    def _json(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        from loupe.errors import LoupeError
+
+        allowed, _ = self._authorised()
+        if not allowed:
+            self._json(403, {"error": "this server needs its token; open the URL it printed"})
+            return
+        path = urllib.parse.urlsplit(self.path).path
+        handler = self.api.get(path)
+        if handler is None:
+            self._json(404, {"error": f"no {path} here"})
+            return
+        if self.headers.get(API_HEADER) != "1":
+            self._json(403, {"error": f"api requests carry the header {API_HEADER}: 1"})
+            return
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        try:
+            status, body = handler({k: v[0] for k, v in query.items()})
+        except LoupeError as exc:
+            status, body = 400, {"error": str(exc)}
+        except Exception as exc:  # one request fails, the server stays up
+            log.exception("api %s failed", path)
+            status, body = 500, {"error": f"{type(exc).__name__}: {exc}"}
+        self._json(status, body)
+
     def do_HEAD(self):
         allowed, _ = self._authorised()
         if not allowed:
@@ -90,7 +138,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 class BundleServer:
     """Serves ``directory`` on ``host:port`` from a background thread."""
 
-    def __init__(self, directory, host: str = "127.0.0.1", port: int = 0, token: str | None = None):
+    def __init__(self, directory, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                 api: Api | None = None):  # fmt: skip
         if not is_loopback(host) and not token:
             raise LoupeError(
                 f"--host {host} is reachable from other machines; give --token SECRET as well "
@@ -100,7 +149,7 @@ class BundleServer:
             raise LoupeError(f"--port must be in 0..65535, got {port}")
         self.directory = Path(directory)
         self.host, self.token = host, token
-        handler = type("Handler", (_Handler,), {"token": token})
+        handler = type("Handler", (_Handler,), {"token": token, "api": dict(api or {})})
         try:
             self.httpd = http.server.ThreadingHTTPServer(
                 (host, port), functools.partial(handler, directory=str(self.directory))

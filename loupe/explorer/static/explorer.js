@@ -89,7 +89,9 @@ var LOUPE = (function () {
 
   function views() {
     var v = [];
-    if (manifest.checkpoints && manifest.checkpoints.length) v.push(["traj", "Trajectories"], ["embed", "Embedding"]);
+    var cks = manifest.checkpoints || [];
+    if (cks.length) v.push(["traj", manifest.kind === "eval" ? "Replays" : "Trajectories"]);
+    if (cks.some(function (c) { return c.embedding !== false; })) v.push(["embed", "Embedding"]);
     if (manifest.kind === "run") v.unshift(["run", "Run"]);
     if (manifest.kind === "eval") v.unshift(["eval", "Evaluation"]);
     return v;
@@ -172,7 +174,7 @@ var LOUPE = (function () {
     targetSel.value = s.target;
     var overlaySel = el("select", { id: "overlay", onchange: function () { s.overlay = overlaySel.value; draw(); } });
     overlaySel.appendChild(el("option", { value: "none", text: "none" }));
-    Object.keys(meta.saliency).forEach(function (n) { overlaySel.appendChild(el("option", { value: n, text: n === "attention" ? "attention" : n + " saliency" })); });
+    Object.keys(meta.saliency).forEach(function (n) { overlaySel.appendChild(el("option", { value: n, text: n === "attention" ? "attention" : n + " saliency" + (meta.saliency[n].sampled && meta.saliency_sample && meta.saliency_sample.mode === "sample" ? " (some frames)" : "") })); });
     overlaySel.value = meta.saliency[s.overlay] ? s.overlay : "none";
     s.overlay = overlaySel.value;
     var playBtn = el("button", { id: "play", onclick: togglePlay, text: "▶ play" });
@@ -198,6 +200,12 @@ var LOUPE = (function () {
     }
     var obsP = pane("obs", "observation"), posP = pane("pos", "good news (positive attribution)"), negP = pane("neg", "bad news (negative attribution)");
     mid.appendChild(el("div", { class: "panes" }, [obsP[1], posP[1], negP[1]]));
+    var salNote = el("div", { class: "note", id: "salnote" });
+    mid.appendChild(salNote);
+    if (meta.replay) mid.insertBefore(replayBanner(meta.replay), mid.firstChild);
+    mid.appendChild(holdsNote(meta));
+    var salIndex = {}, salFrames = traj.saliency_frames || {};
+    Object.keys(salFrames).forEach(function (kind) { salIndex[kind] = {}; salFrames[kind].forEach(function (t, k) { salIndex[kind][t] = k; }); });
 
     // timeline strip and graphs
     var strip = el("canvas", { id: "strip", height: 64, width: Math.min(traj.frames * 8, 2048) });
@@ -302,12 +310,30 @@ var LOUPE = (function () {
       ctx.drawImage(small, 0, 0, size, size);
       ctx.globalCompositeOperation = "source-over";
     }
+    function nearestSaliency(t, kind) {
+      var fs = salFrames[kind] || [], before = null, after = null;
+      fs.forEach(function (f) { if (f < t) before = f; else if (f > t && after === null) after = f; });
+      return [before, after];
+    }
     function drawObservation(ctx) {
-      var img = sprites["sal/" + s.overlay];
+      var img = sprites["sal/" + s.overlay], info = meta.saliency[s.overlay];
+      var idx = info && info.sampled ? (salIndex[s.overlay] || {})[s.frame] : s.frame;
+      salNote.innerHTML = "";
+      if (img && idx === undefined) {
+        var near = nearestSaliency(s.frame, s.overlay);
+        salNote.appendChild(document.createTextNode("No " + s.overlay + " saliency at frame " + s.frame + ": this bundle has it " + (info.where || "at some frames") + ". "));
+        near.forEach(function (f, j) {
+          if (f === null) return;
+          salNote.appendChild(el("button", { class: "salnear", "data-frame": f, onclick: function () { setFrame(f); }, text: (j ? "next: frame " : "previous: frame ") + f }));
+          salNote.appendChild(document.createTextNode(" "));
+        });
+        salNote.appendChild(el("span", { html: "Every frame: rebuild with <code>--saliency all</code>." }));
+        img = null;
+      }
       drawFrame(ctx, img ? 0.45 : 0);
       if (!img) return;
-      var info = meta.saliency[s.overlay], tl = info.tile || meta.obs_hw;
-      var fw = tl[1], fh = tl[0], p = tile(s.frame, info.cols, fw, fh);
+      var tl = info.tile || meta.obs_hw;
+      var fw = tl[1], fh = tl[0], p = tile(idx, info.cols, fw, fh);
       tmp.width = fw; tmp.height = fh;
       var tc = tmp.getContext("2d");
       tc.globalCompositeOperation = "copy"; tc.drawImage(img, p[0], p[1], fw, fh, 0, 0, fw, fh);
@@ -356,6 +382,32 @@ var LOUPE = (function () {
       draw();
       app.setAttribute("data-ready", "1");
     });
+  }
+
+  function holdsNote(meta) {
+    var req = meta.on_request || {}, ss = meta.saliency_sample || {}, cmd = req.rebuild || "loupe view ...";
+    var items = [];
+    items.push(el("li", { html: "Attribution (integrated gradients at layer " + meta.layer + ", " + (req.ig_steps || "?") + " steps) at every frame to: " +
+      meta.targets.map(function (t) { return "<code>" + t + "</code>"; }).join(", ") + ". Other targets: <code>" + cmd + " --target value --target logit:I</code>" +
+      (req.common_logit ? " (the most frequent action here is <code>" + req.common_logit + "</code>" + ")" : "") + "; <code>--target</code> repeats." }));
+    var kinds = Object.keys(meta.saliency).filter(function (n) { return meta.saliency[n].sampled; });
+    if (ss.mode === "none" || !kinds.length) items.push(el("li", { html: "No saliency maps; <code>" + cmd + " --saliency sample</code> (or <code>all</code>) adds them." }));
+    else if (ss.mode === "sample") items.push(el("li", { html: "Saliency of the value: " + kinds.map(function (k) { return k + " " + meta.saliency[k].where; }).join("; ") +
+      ". Every frame: <code>" + cmd + " --saliency all</code>; denser: <code>--saliency-every N</code>." }));
+    else items.push(el("li", { text: "Saliency (" + kinds.join(", ") + ") of the value at every frame." }));
+    if (meta.saliency.attention) items.push(el("li", { text: "Attention maps and their entropy at every frame." }));
+    items.push(el("li", { text: meta.nmf_source === "trajectories" ? "NMF features fitted on these frames' value attributions (no probe of this checkpoint was found, so no dataset examples)." :
+      "NMF features of the checkpoint's probe, with its dataset examples." }));
+    var d = el("details", { id: "holds", class: "holds" }, [el("summary", { text: "What this page holds, and how to get more" }), el("ul", {}, items)]);
+    return d;
+  }
+
+  function replayBanner(r) {
+    var ok = r.match;
+    var text = "Replay of level " + r.level + " (" + r.recorded.category.replace("_", " ") + ") of " + r.label + ": level seed " + r.level + ", " + r.recorded.length +
+      " recorded actions. Replayed: " + r.replayed.category.replace("_", " ") + " after " + r.replayed.length + " steps, return " + fmt(r.replayed.ret, 1) +
+      (ok ? " — the same as the evaluation recorded." : " — NOT what the evaluation recorded (" + r.recorded.category + " after " + r.recorded.length + " steps).");
+    return el("p", { class: ok ? "note replay" : "error replay", id: "replay", "data-match": ok ? "1" : "0" }, [text + " ", el("a", { href: "#view=eval", text: "back to the evaluation" })]);
   }
 
   function targetLabel(t) {
@@ -548,16 +600,37 @@ var LOUPE = (function () {
       app.appendChild(table);
       app.appendChild(barChart(present, data.checkpoints, colours));
       app.appendChild(el("h3", { text: "Failed levels by cause" }));
+      var live = served && data.replay_api;
+      app.appendChild(el("p", { class: "note", id: "replaynote", html: "A failed level opens as a trajectory page: its episode replayed from the level seed and the recorded actions, then attributed. " +
+        (live ? "Click any level; levels not replayed yet are replayed now (a few seconds)." :
+          "Linked levels are replayed in this bundle; others: <code>loupe view --eval " + data.dir + " --replay LEVEL</code> (repeatable, or <code>--replays N</code> per cause), or serve it with <code>loupe view --eval " + data.dir + "</code> and click.") }));
       data.checkpoints.forEach(function (c) {
-        var f = c.failed_levels || {};
-        var box = el("div", { class: "levels" }, [el("b", { text: c.label })]);
+        var f = c.failed_levels || {}, reps = c.replays || {};
+        var box = el("div", { class: "levels", "data-label": c.label }, [el("b", { text: c.name || c.label })]);
+        if (c.without_actions) box.appendChild(el("div", { class: "error", text: c.without_actions + " failed level(s) have no recorded actions (evaluated before loupe recorded them) and cannot be replayed; evaluate again into a new --out." }));
         Object.keys(f).forEach(function (k) {
-          box.appendChild(el("details", {}, [el("summary", { text: k.replace("_", " ") + ": " + f[k].length + " level(s)" }), el("div", { text: f[k].join(", ") })]));
+          var list = el("div", { class: "levellist" }), n = 0;
+          f[k].forEach(function (lv) {
+            var key = reps[String(lv)];
+            if (key) { n++; list.appendChild(el("a", { href: "#view=traj&ckpt=" + encodeURIComponent(key), class: "level replayed", "data-level": lv, text: String(lv) })); }
+            else if (live) list.appendChild(el("button", { class: "level", "data-level": lv, text: String(lv), onclick: function (ev) { replayOnDemand(c.label, lv, ev.target); } }));
+            else list.appendChild(el("span", { class: "level", "data-level": lv, title: "not replayed in this bundle", text: String(lv) }));
+            list.appendChild(document.createTextNode(" "));
+          });
+          box.appendChild(el("details", { "data-cause": k }, [el("summary", { text: k.replace("_", " ") + ": " + f[k].length + " level(s)" + (n ? ", " + n + " replayed" : "") }), list]));
         });
         if (!Object.keys(f).length) box.appendChild(el("div", { text: "no failed levels" }));
         app.appendChild(box);
       });
       app.setAttribute("data-ready", "1");
+    }
+    function replayOnDemand(label, level, btn) {
+      btn.disabled = true;
+      btn.textContent = level + " (replaying…)";
+      fetch("api/replay?label=" + encodeURIComponent(label) + "&level=" + level, { method: "POST", headers: { "X-Loupe-Request": "1" } })
+        .then(function (r) { return r.json().then(function (j) { if (!r.ok) throw new Error(j.error || ("status " + r.status)); return j; }); })
+        .then(function (j) { return LOUPE.load("manifest", true).then(function (m) { manifest = m; go({ view: "traj", ckpt: j.key }); }); })
+        .catch(function (e) { btn.disabled = false; btn.textContent = String(level); btn.classList.add("failed"); btn.title = String(e.message || e); app.appendChild(el("p", { class: "error", id: "replayerror", text: "Level " + level + " could not be replayed: " + (e.message || e) })); });
     }
     function barChart(present, cks, colours) {
       var w = 720, rowH = 22, h = present.length * (cks.length * rowH + 10) + 20;
@@ -579,7 +652,7 @@ var LOUPE = (function () {
       });
       return el("div", { class: "chart" }, [s]);
     }
-    return LOUPE.load("eval").then(function (data) {
+    return LOUPE.load("eval", served).then(function (data) {
       render(data);
       if (served && !data.complete) timers.push(setInterval(function () {
         LOUPE.load("eval", true).then(function (d) { if (d.updated !== data.updated) { data = d; render(d); } }).catch(function () {});
