@@ -1,0 +1,393 @@
+"""The soak's report: slopes, counts, step order, stalls, recoveries and the 1e9-step projection,
+from the harness's samples (``build_report``); the series helpers are pure."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loupe.soak import (
+    Item,
+    Kill,
+    account,
+    longest_gap,
+    pooled_slope,
+    resume_checks,
+    segments_after,
+    step_order,
+)
+from loupe.soak.procs import LOUPE_ROLES, RAY_ROLES
+
+if TYPE_CHECKING:
+    from loupe.soak.harness import Soak
+
+#: the targets of the soak (issue: billion-step readiness)
+RSS_TARGET_MB_PER_10MIN = 1.0
+RECOVERY_TARGET_S = 60.0
+DISK_TARGET_GB = 50.0
+
+NOTE = (
+    "Measured on a shared 2-core machine without a GPU: other people's tests and builds and a "
+    "long background training (nice 19) ran at the same time, so throughput, stall lengths and "
+    "recovery times are those of a loaded machine. Slopes are least-squares fits after the "
+    "warm-up with one intercept per process lifetime (a restarted process starts at its own "
+    "level), in MB (or descriptors) per 10 minutes, with their standard errors."
+)
+
+
+def process_points(
+    samples: Sequence[dict[str, Any]], role: str, field: str
+) -> list[tuple[str, float, float]]:
+    """``(process key, t, value)`` of every process of ``role`` in the samples."""
+    return [
+        (row["key"], s["t"], float(row[field]))
+        for s in samples
+        for row in s["procs"]
+        if row["role"] == role and row.get(field) is not None
+    ]
+
+
+def role_sums(
+    samples: Sequence[dict[str, Any]], role: str, field: str
+) -> list[tuple[float, float]]:
+    """``(t, sum over the processes of role)`` per sample (the role's total at each time)."""
+    out = []
+    for s in samples:
+        values = [
+            row[field] for row in s["procs"] if row["role"] == role and row.get(field) is not None
+        ]
+        if values:
+            out.append((s["t"], float(sum(values))))
+    return out
+
+
+def slope_of(
+    points: list[tuple[str, float, float]], warmup_s: float, segment_warmup_s: float
+) -> dict[str, Any]:
+    """A pooled slope per 10 minutes of keyed points (see ``loupe.soak.pooled_slope``)."""
+    return pooled_slope(segments_after(points, warmup_s, segment_warmup_s)).per_10_min()
+
+
+def keyed(samples: Sequence[dict[str, Any]], path: Sequence[str], key: Sequence[str] | None):
+    """``(segment key, t, value)`` of a nested sample field, e.g. ``("redis", "used_memory_mb")``
+    segmented by ``("redis", "process")`` (None: one segment)."""
+    out = []
+    for s in samples:
+        value: Any = s
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:
+            continue
+        seg: Any = "all"
+        if key is not None:
+            seg = s
+            for part in key:
+                seg = seg.get(part) if isinstance(seg, dict) else None
+        out.append((str(seg), s["t"], float(value)))
+    return out
+
+
+def slopes(samples, warmup_s: float, segment_warmup_s: float) -> dict[str, Any]:
+    """Every series' slope after the warm-up."""
+    rss = {}
+    fds = {}
+    for role in (*LOUPE_ROLES, *RAY_ROLES):
+        fit = slope_of(process_points(samples, role, "rss_mb"), warmup_s, segment_warmup_s)
+        if fit["points"]:
+            if role in LOUPE_ROLES and fit["slope_per_10min"] is not None:
+                fit["target"] = RSS_TARGET_MB_PER_10MIN
+                fit["ok"] = fit["slope_per_10min"] < RSS_TARGET_MB_PER_10MIN
+            rss[role] = fit
+        fit = slope_of(process_points(samples, role, "fds"), warmup_s, segment_warmup_s)
+        if fit["points"]:
+            fds[role] = fit
+    run_dir = {
+        sub: slope_of(keyed(samples, ("run_dir_mb", sub), None), warmup_s, 0.0)
+        for sub in ("total", "checkpoints", "probes", "tb", "redis")
+    }
+    return {
+        "rss_mb_per_10min": rss,
+        "fds_per_10min": fds,
+        "redis_used_memory_mb_per_10min": slope_of(
+            keyed(samples, ("redis", "used_memory_mb"), ("redis", "process")), warmup_s, 0.0
+        ),
+        "object_store_mb_per_10min": slope_of(
+            keyed(samples, ("object_store", "used_mb"), ("object_store", "session")),
+            warmup_s,
+            segment_warmup_s,
+        ),
+        "run_dir_mb_per_10min": run_dir,
+        "ray_session_dirs_mb_per_10min": slope_of(
+            keyed(samples, ("ray_sessions_mb",), None), warmup_s, 0.0
+        ),
+    }
+
+
+def last_values(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """RSS and descriptors of each role in the last sample, and the run directory's size."""
+    if not samples:
+        return {}
+    last = samples[-1]
+    roles: dict[str, dict[str, Any]] = {}
+    for row in last["procs"]:
+        r = roles.setdefault(row["role"], {"processes": 0, "rss_mb": 0.0, "fds": 0})
+        r["processes"] += 1
+        r["rss_mb"] += row["rss_mb"]
+        r["fds"] += row["fds"] or 0
+    peak = {}
+    for s in samples:
+        for row in s["procs"]:
+            peak[row["role"]] = max(peak.get(row["role"], 0.0), row["rss_mb"])
+    return {
+        "t": last["t"],
+        "roles": roles,
+        "peak_process_rss_mb": peak,
+        "run_dir_mb": last["run_dir_mb"],
+        "redis": last.get("redis"),
+        "object_store": last.get("object_store"),
+        "ray_session_dirs_mb": last.get("ray_sessions_mb"),
+    }
+
+
+def stream_items(entries: Sequence[tuple[str, dict[str, str]]] | None, kind: str | None) -> list:
+    """Announcements (``kind`` None) or results of ``kind`` -> (Item, decoded fields)."""
+    out = []
+    for _, fields in entries or []:
+        if kind is None:
+            out.append((Item(int(fields["step"]), fields["sha256"]), fields))
+            continue
+        decoded = {k: json.loads(v) for k, v in fields.items()}
+        if decoded.get("kind") == kind:
+            out.append((Item(int(decoded["step"]), decoded["sha256"]), decoded))
+    return out
+
+
+def counts(soak: Soak) -> dict[str, Any]:
+    """Checkpoints written (seen on disk) / announced (stream) / probed (results stream)."""
+    from loupe.soak.harness import written_items
+
+    ann_entries, res_entries = soak.streams or ([], [])
+    announced = stream_items(ann_entries, None)
+    probed = stream_items(res_entries, "probe")
+    errors = [fields for _, fields in stream_items(res_entries, "error")]
+    report = account(written_items(soak), [a for a, _ in announced], [p for p, _ in probed])
+    report["probe_errors"] = errors
+    report["probe_outputs_missing"] = [
+        f["out"] for _, f in probed if not (Path(f["out"]) / "summary.json").is_file()
+    ]
+    # the harness sees the run directory every 0.5 s; retention keeps the newest 5, so a gap
+    # in the write-order index would be a checkpoint it missed
+    report["streams_read"] = soak.streams is not None
+    report["how_checked"] = (
+        "written: every ckpt-*.json the harness saw in the run's checkpoints/ (scanned every "
+        "0.5 s; the metadata's write-order index must run without gaps, see steps); announced: "
+        "every entry of the stream loupe:<run>:checkpoints (XRANGE after the drain); probed: every "
+        "kind=probe entry of loupe:<run>:results. Items are matched by the weights' sha256; a "
+        "sha256 twice in one stage is a duplicate, one missing from the next stage is lost, and "
+        "each probed checkpoint's summary.json must exist on disk."
+    )
+    delays = []
+    seen = {c["sha256"]: c["seen"] for c in soak.checkpoints.values()}
+    for item, fields in announced:
+        if item.sha256 in seen and fields.get("announced"):
+            delays.append(round(soak.from_wall(float(fields["announced"])) - seen[item.sha256], 2))
+    report["announce_delay_s"] = {
+        "max": max(delays, default=None),
+        "note": "announcement time minus the time the harness first saw the checkpoint file "
+        "(negative: announced before the 0.5 s scan saw it)",
+    }
+    latencies = [
+        f.get("start_latency_s") for _, f in probed if f.get("start_latency_s") is not None
+    ]
+    report["probe_start_latency_s"] = {"max": max(latencies, default=None),
+                                       "mean": sum(latencies) / len(latencies) if latencies else None}  # fmt: skip
+    return report
+
+
+def steps(soak: Soak) -> dict[str, Any]:
+    """The step counter across restarts: checkpoint steps in write order, and every resume."""
+    records = list(soak.checkpoints.values())
+    order = step_order(records)
+    resumes = resume_checks(soak.resumes, [(c["seen"], c["step"]) for c in records])
+    order["resumes"] = resumes
+    order["monotone"] = order["monotone"] and all(r["ok"] for r in resumes)
+    order["checkpoints"] = [
+        {"index": c["index"], "step": c["step"], "seen_t": c["seen"]}
+        for c in sorted(records, key=lambda c: c["index"])
+    ]
+    return order
+
+
+def stalls(soak: Soak) -> dict[str, Any]:
+    """The longest time without a new checkpoint, and every stall the detectors reported."""
+    end = soak.t_end if soak.t_end is not None else soak.now()
+    seen = sorted(c["seen"] for c in soak.checkpoints.values())
+    first = seen[0] if seen else end
+    gap, a, b = longest_gap(seen, first, end)
+    events = [
+        {"name": s.name, "since": s.since, "detected": s.detected, "resumed": s.resumed,
+         "length_s": s.length}
+        for det in [*soak.stall.values(), *soak.cpu_stall.values()]
+        for s in det.stalls
+    ]  # fmt: skip
+    return {
+        "bound_s": soak.config.stall_s,
+        "longest_without_checkpoint_s": gap,
+        "longest_between_t": [a, b],
+        "within_bound": gap <= soak.config.stall_s,
+        "detected": events,
+        "aborted": soak.aborted,
+        "how": f"a stall is declared when the newest checkpoint step has not risen for "
+        f"{soak.config.stall_s:g} s (learner), no probe result came for as long while "
+        "announced checkpoints waited (probe worker), or a rollout actor used no CPU time for as "
+        f"long; one lasting {soak.config.stall_abort_s:g} s ends the soak, reported",
+    }
+
+
+def recoveries(soak: Soak) -> list[dict[str, Any]]:
+    """Each kill: when, what, how long until the component was back, and until the next
+    checkpoint."""
+    out = []
+    seen = sorted(c["seen"] for c in soak.checkpoints.values())
+    for w in soak.kills:
+        nxt = next((t for t in seen if t > w.t), None)
+        out.append({
+            "component": w.component, "t": round(w.t, 2), "pid": w.pid, **w.detail,
+            "back_s": None if w.back_s is None else round(w.back_s, 2), "how": w.note,
+            "next_checkpoint_s": None if nxt is None else round(nxt - w.t, 2),
+            "ok": w.back_s is not None and w.back_s < soak.config.recovery_target_s,
+        })  # fmt: skip
+    return out
+
+
+def measured_sizes(soak: Soak, last: dict[str, Any]) -> dict[str, Any]:
+    """Per-item sizes the projection needs, from the soak's own files."""
+    records = list(soak.checkpoints.values())
+    n = max(len(records), 1)
+    ckpt = sum(c["size"] + c["state_size"] + c["json_size"] for c in records) / n
+    ann_entries, res_entries = soak.streams or ([], [])
+    probed = max(len(res_entries), 1)
+    run_mb = last.get("run_dir_mb", {})
+    steps_trained = max((c["step"] for c in records), default=0)
+    cfg = soak.config
+    return {
+        "checkpoint_bytes": ckpt,
+        "probe_bytes_per_checkpoint": run_mb.get("probes", 0.0) * (1 << 20) / probed,
+        "tb_bytes_per_step": run_mb.get("tb", 0.0) * (1 << 20) / max(steps_trained, 1),
+        "redis_dir_bytes": run_mb.get("redis", 0.0) * (1 << 20),
+        "redis_used_memory_bytes": ((last.get("redis") or {}).get("used_memory_mb") or 0) * (1 << 20),
+        "stream_entries": len(ann_entries) + len(res_entries),
+        "steps_per_checkpoint": cfg.actors * cfg.envs_per_actor * cfg.num_steps * cfg.checkpoint_every,
+        "steps_trained": steps_trained,
+    }  # fmt: skip
+
+
+def projection(soak: Soak, sizes: dict[str, Any], slope: dict[str, Any]) -> dict[str, Any]:
+    """Disk, Redis and memory at 1e9 steps (loupe's projection function where this loupe has
+    one, else a linear estimate from the measured sizes)."""
+    try:
+        from loupe.retention import project  # type: ignore[import-not-found]
+    except ImportError:
+        project = None
+    if project is not None:
+        return {"source": "loupe.retention.project", **project(sizes)}
+    steps = 1e9
+    n_ckpt = steps / max(sizes["steps_per_checkpoint"], 1)
+    keep_last = 5
+    disk = {
+        "checkpoints_gb": keep_last * sizes["checkpoint_bytes"] / 1e9,
+        "probes_gb": n_ckpt * sizes["probe_bytes_per_checkpoint"] / 1e9,
+        "tb_gb": steps * sizes["tb_bytes_per_step"] / 1e9,
+    }
+    disk["total_gb"] = sum(disk.values())
+    return {
+        "source": "linear estimate from the soak's sizes (no loupe.retention here)",
+        "steps": steps,
+        "checkpoints": n_ckpt,
+        "disk": disk,
+        "under_target": disk["total_gb"] < DISK_TARGET_GB,
+        "target_gb": DISK_TARGET_GB,
+    }
+
+
+def violations(report: dict[str, Any]) -> list[str]:
+    """Every target the soak missed, one line each."""
+    out = []
+    for role, fit in report["slopes"]["rss_mb_per_10min"].items():
+        if fit.get("ok") is False:
+            out.append(f"RSS of {role} grows {fit['slope_per_10min']:.2f} MB per 10 min "
+                       f"(+- {fit['stderr_per_10min'] or 0:.2f}; target < {RSS_TARGET_MB_PER_10MIN})")  # fmt: skip
+    c = report["counts"]
+    if not c["equal"]:
+        out.append(f"checkpoints written/announced/probed = {c['written']}/{c['announced']}/"
+                   f"{c['probed']} (lost or duplicated items)")  # fmt: skip
+    if not report["steps"]["monotone"]:
+        out.append("the step counter is not monotone across restarts")
+    s = report["stalls"]
+    if not s["within_bound"]:
+        out.append(f"{s['longest_without_checkpoint_s']:.0f} s without a checkpoint "
+                   f"(bound {s['bound_s']:g} s)")  # fmt: skip
+    for k in report["kills"]:
+        if not k["ok"]:
+            back = "never" if k["back_s"] is None else f"after {k['back_s']:.1f} s"
+            out.append(f"{k['component']} killed at {k['t']:.0f} s back {back} (target < "
+                       f"{RECOVERY_TARGET_S:g} s)")  # fmt: skip
+    if report["leftover_processes"]:
+        out.append(f"{len(report['leftover_processes'])} process(es) still running after the "
+                   "soak stopped everything")  # fmt: skip
+    proj = report["projection_1e9_steps"]
+    if proj.get("under_target") is False:
+        out.append("projected disk for 1e9 steps over the target")
+    return out
+
+
+def build_report(soak: Soak, kills: list[Kill], subreaper: bool) -> dict[str, Any]:
+    """The whole report of a finished soak."""
+    from loupe.bench import machine_info
+
+    cfg = soak.config
+    last = last_values(soak.samples)
+    slope = slopes(soak.samples, cfg.warmup_s, cfg.segment_warmup_s)
+    sizes = measured_sizes(soak, last)
+    report = {
+        "note": NOTE,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info() | {"load_average_at_end": list(_loadavg())},
+        "config": dataclasses.asdict(cfg),
+        "supervise": soak.supervise,
+        "subreaper": subreaper,
+        "duration_s": soak.t_end,
+        "drain_s": None if soak.t_drained is None else soak.t_drained - (soak.t_end or 0),
+        "samples": len(soak.samples),
+        "slopes": slope,
+        "last": last,
+        "counts": counts(soak),
+        "steps": steps(soak),
+        "stalls": stalls(soak),
+        "kills": recoveries(soak),
+        "kills_planned": [dataclasses.asdict(k) for k in kills],
+        "kills_not_done": [dataclasses.asdict(k) for k in soak.skipped],
+        "restarts": {
+            "probe_worker_starts": soak.probe_starts,
+            "training_starts": soak.train_starts,
+        },  # fmt: skip
+        "sizes": sizes,
+        "leftover_processes": soak.leftovers,
+        "events": soak.events,
+    }
+    report["projection_1e9_steps"] = projection(soak, sizes, slope)
+    report["violations"] = violations(report)
+    return report
+
+
+def _loadavg() -> tuple[float, ...]:
+    import os
+
+    try:
+        return os.getloadavg()
+    except OSError:
+        return ()
