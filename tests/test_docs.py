@@ -118,9 +118,10 @@ def test_public_api_has_docstrings():
 def test_outputs_doc_names_every_config_field():
     from actors import EnvConfig
     from learner import PPOConfig
+    from loupe.supervise import SuperviseConfig
     from loupe.train import TrainConfig
 
-    for cls in (TrainConfig, EnvConfig, PPOConfig):
+    for cls in (TrainConfig, EnvConfig, PPOConfig, SuperviseConfig):
         missing = [f.name for f in dataclasses.fields(cls) if f"`{f.name}`" not in OUTPUTS]
         assert not missing, f"docs/outputs.md lacks {cls.__name__} fields {missing}"
 

@@ -368,6 +368,21 @@ class RedisServer:
         self.stop()
 
 
+def stop_leftover(data_dir: str | Path) -> bool:
+    """Shut down a server still running over ``data_dir`` that a killed process left behind.
+
+    It is found by its redis.json and must answer to the saved password (so it is this run's);
+    SHUTDOWN flushes its append-only file. True when one was stopped.
+    """
+    if "port" not in read_info(data_dir):
+        return False
+    server = RedisServer(data_dir)
+    if not server._answers():
+        return False
+    server._take_over()
+    return True
+
+
 @atexit.register
 def _kill_leftovers() -> None:
     """No redis-server outlives the process that started it, even without stop()."""

@@ -128,6 +128,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    "is one)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (default: a bar on a terminal)")  # fmt: skip
+    p.add_argument("--supervise", action="store_true",
+                   help="train in a child process and restart it from its newest checkpoint when "
+                   "it dies (a signal, or an exit other than 0, 2, 130 or 143), one line per "
+                   "restart (default: no restarts)")  # fmt: skip
+    p.add_argument("--max-restarts", type=int_range(0, 1000), default=None,
+                   help="with --supervise: restarts in a row without a new checkpoint before the "
+                   "run ends with an error (default: 5)")  # fmt: skip
 
 
 def build_train_config(args: argparse.Namespace):
@@ -211,6 +218,10 @@ def build_train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if getattr(args, "supervise", False):
+        return supervise_train(args)
+    if getattr(args, "max_restarts", None) is not None:
+        raise LoupeError("--max-restarts needs --supervise")
     from loupe.rundir import RunDir
     from loupe.train import TrainConfig, Trainer
 
@@ -257,6 +268,66 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print("mean return: no episode finished yet")
     return 0
+
+
+def train_argv(args: argparse.Namespace, drop: tuple[str, ...] = ("supervise", "max_restarts")):
+    """The `loupe train` options of ``args`` that differ from their defaults, as argv."""
+    argv: list[str] = []
+    for action in _train_parser()._actions:
+        if not action.option_strings or action.dest in drop or action.dest == "help":
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        elif isinstance(action, argparse._AppendAction):
+            argv += [f"{flag}={item}" for item in value]
+        else:
+            argv.append(f"{flag}={value}")
+    return argv
+
+
+def supervise_train(args: argparse.Namespace) -> int:
+    """`loupe train --supervise`: the training in a child process, restarted when it dies."""
+    from loupe.bus.redis_server import stop_leftover
+    from loupe.rundir import RunDir
+    from loupe.supervise import SuperviseConfig, Supervisor
+
+    if args.resume:
+        RunDir(args.resume).require_run()
+    elif not args.run_dir:
+        raise LoupeError("--supervise needs --run-dir (a new run) or --resume RUN_DIR")
+    run = RunDir(args.resume or args.run_dir)
+    config = SuperviseConfig(**({} if args.max_restarts is None else
+                                {"max_restarts": args.max_restarts}))  # fmt: skip
+    loupe = [sys.executable, "-m", "loupe.cli", *(["-v"] if args.verbose else []), "train"]
+    again = ["--resume", str(run.path)]
+    for flag in ("total_steps", "learners"):
+        if getattr(args, flag) is not None:
+            again.append(f"--{flag.replace('_', '-')}={getattr(args, flag)}")
+    if args.no_progress:
+        again.append("--no-progress")
+    kept = [f"--max-restarts={args.max_restarts}"] if args.max_restarts is not None else []
+    hint = "loupe " + shlex.join(["train", *again, "--supervise", *kept])
+    interrupt.resume_hint = hint
+
+    def cleanup() -> None:  # a killed learner leaves its private redis-server running
+        try:
+            stop_leftover(run.redis)
+        except LoupeError as exc:  # the next learner takes it over, or says why it cannot
+            logging.getLogger("loupe.supervise").warning("%s", exc)
+
+    supervisor = Supervisor(
+        first=loupe + (again if args.resume else train_argv(args)),
+        resume=loupe + again,
+        run_dir=run.path,
+        config=config,
+        cleanup=cleanup,
+        resume_hint=hint,
+    )
+    return supervisor.run()
 
 
 # -- demo --------------------------------------------------------------------------------------
