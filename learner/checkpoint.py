@@ -92,7 +92,10 @@ def save_checkpoint(
     ``meta`` must hold ``step``; everything else in it (run_id, env, env_options, ...) is stored as
     given. ``policy`` needs ``state_dict()`` and ``spec``. Retention afterwards keeps the newest
     ``keep_last`` checkpoints plus every ``keep_every``-th one ever written (by write order, the
-    first is number 0); ``keep_last=0`` keeps everything.
+    first is number 0); ``keep_last=0`` keeps everything. Only the newest ``keep_last`` keep their
+    training state (``--resume`` starts from the newest): an older one kept by ``keep_every`` keeps
+    its weights and metadata, so the directory holds at most ``keep_last`` checkpoints of
+    weights + state plus one weights file per ``keep_every`` written.
     """
     if "step" not in meta:
         raise ValueError("checkpoint meta needs a 'step'")
@@ -157,14 +160,28 @@ def _apply_retention(run_dir: str | Path, keep_last: int, keep_every: int) -> No
         return
     for path in found[:-keep_last]:
         try:
-            index = int(_read_json(path).get("index", 0))
+            record = _read_json(path)
+            index = int(record.get("index", 0))
         except (LoupeError, TypeError, ValueError):
             continue  # an unreadable checkpoint is left for a person to look at
         if keep_every and index % keep_every == 0:
+            _drop_train_state(path, record)
             continue
         for suffix in (".safetensors", ".state.safetensors"):
             path.with_suffix(suffix).unlink(missing_ok=True)
         path.unlink()
+
+
+def _drop_train_state(json_path: Path, record: dict[str, Any]) -> None:
+    """An old checkpoint kept for the record keeps its weights; its training state goes (the
+    metadata first, so that it never names a file that is gone)."""
+    if "state" not in record:
+        return
+    state = json_path.with_suffix(".state.safetensors")
+    for key in ("state", "state_size", "state_sha256"):
+        record.pop(key, None)
+    _atomic_json(record, json_path)
+    state.unlink(missing_ok=True)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -48,9 +48,13 @@ class TrainConfig:
     preset: str | None = None
     #: write a checkpoint every this many updates (and always at the end)
     checkpoint_every: int = 10
-    #: checkpoints kept: the last ``keep_last`` plus every ``keep_every``-th (0: none extra)
+    #: checkpoints kept: the last ``keep_last`` plus every ``keep_every``-th (0: none extra); only
+    #: the last ``keep_last`` keep their training state (0: keep every checkpoint)
     keep_last: int = 5
     keep_every: int = 0
+    #: TensorBoard points per tag over the run at most: scalars are written every
+    #: ceil(updates / tb_max_points) updates, episodes averaged over them (0: every update)
+    tb_max_points: int = 100_000
     #: "auto" (cuda if available), "cpu" or "cuda"
     device: str = "auto"
     #: number of Ray rollout actors; 0 samples in-process
@@ -80,6 +84,8 @@ class TrainConfig:
             )
         if self.checkpoint_every <= 0:
             raise LoupeError("--checkpoint-every must be a positive number of updates")
+        if self.keep_last < 0 or self.keep_every < 0 or self.tb_max_points < 0:
+            raise LoupeError("keep_last, keep_every and tb_max_points must be >= 0")
         if self.actors < 0:
             raise LoupeError("--actors must be >= 0 (0 samples in-process)")
         if self.actors and self.env.num_envs % self.actors:
@@ -333,9 +339,13 @@ class Trainer:
         from tqdm import tqdm
 
         from loupe import interrupt
+        from loupe.retention import tb_interval
 
         cfg = self.config
         total = cfg.ppo.total_steps
+        #: updates per TensorBoard point, and the episodes finished since the last point
+        tb_every = tb_interval(-(-total // self.batch_steps), cfg.tb_max_points)
+        episodes: list[tuple[float, int]] = []
         end = max(self.planned_steps(), self.learner.global_step)
         self.open_bus()
         writer = SummaryWriter(str(self.run.tb))
@@ -380,8 +390,7 @@ class Trainer:
                 self._watch_bus()
                 for ep in rollout.episodes:
                     self.returns.append(float(ep.ret))
-                    writer.add_scalar("episode/return", ep.ret, self.learner.global_step)
-                    writer.add_scalar("episode/length", ep.length, self.learner.global_step)
+                    episodes.append((float(ep.ret), int(ep.length)))
                 batch = rollout.actions.size
                 stats.update(sample_stats)
                 stats["policy_lag"] = float(self.version - 1 - rollout.policy_version)
@@ -390,8 +399,16 @@ class Trainer:
                 stats["update_s"] = t2 - t1
                 if self.returns:
                     stats["mean_return_100"] = float(np.mean(self.returns))
-                for key, value in stats.items():
-                    writer.add_scalar(f"train/{key}", value, self.learner.global_step)
+                if self.version % tb_every == 0 or self.learner.global_step >= total:
+                    step = self.learner.global_step
+                    if episodes:
+                        rets, lengths = zip(*episodes, strict=True)
+                        writer.add_scalar("episode/return", float(np.mean(rets)), step)
+                        writer.add_scalar("episode/length", float(np.mean(lengths)), step)
+                        writer.add_scalar("episode/count", len(episodes), step)
+                        episodes.clear()
+                    for key, value in stats.items():
+                        writer.add_scalar(f"train/{key}", value, step)
                 bar.update(max(batch - counted, 0))
                 ret = stats.get("mean_return_100")
                 bar.set_postfix_str(

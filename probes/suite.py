@@ -142,7 +142,7 @@ def run_suite(checkpoint: str | Path, out_dir: str | Path, config: ProbeConfig |
     try:
         summary = _analyse(policy, meta, layer, config, partial)
         summary.update(checkpoint=str(checkpoint), sha256=meta["sha256"], step=meta["step"],
-                       config=dataclasses.asdict(config))  # fmt: skip
+                       index=meta.get("index"), config=dataclasses.asdict(config))  # fmt: skip
         from probes.render import write_json
 
         write_json(partial / "summary.json", summary)

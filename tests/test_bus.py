@@ -107,6 +107,52 @@ def test_maxlen_trims_old_entries(server):
 
 
 @pytest.mark.integration
+def test_every_key_of_a_run_stays_bounded(server):
+    """Many more checkpoints, results, rejections and worker restarts than ``maxlen``: each key
+    loupe writes for the run stays within its stated bound, and exactly-once still holds for the
+    marks kept."""
+    maxlen, n = 10, 300
+    bus = CheckpointBus(connect(server.url), "bounded", maxlen=maxlen)
+    node = int(bus.client.config_get("stream-node-max-entries")["stream-node-max-entries"])
+    bus.ensure_group("probes")
+    for s in range(n):
+        bus.publish_checkpoint(ann(s, "bounded"))
+        # a worker that reads one entry, records and acknowledges it, and is then gone
+        (d,) = bus.follow("probes", f"worker-{s}", block_ms=10)
+        assert bus.record_once("probes", d.announcement.sha256, {"step": s}) is not None
+        bus.ack("probes", d.entry_id)
+        bus.reject("probes", d.entry_id, "a reason")
+    time.sleep(0.02)
+    gone = bus.prune_consumers("probes", min_idle_ms=10)
+    assert len(gone) == n
+    assert bus.client.xinfo_groups(bus.checkpoints_key)[0]["consumers"] == 0
+    sizes = {}
+    for key in bus.client.scan_iter("loupe:bounded:*", count=1000):
+        kind = bus.client.type(key)
+        sizes[key] = {"stream": bus.client.xlen, "list": bus.client.llen,
+                      "string": lambda k: 1}[kind](key)  # fmt: skip
+    streams = [bus.checkpoints_key, bus.results_key, bus.rejected_key]
+    for key in streams:
+        assert maxlen <= sizes.pop(key) <= maxlen + node, key
+    assert sizes.pop(bus.done_order_key("probes")) == 2 * maxlen
+    marks = [k for k in sizes if k.startswith("loupe:bounded:done:probes:")]
+    assert len(marks) == len(sizes) == 2 * maxlen, sorted(sizes)  # nothing else is left
+    # the newest marks are the ones kept: a second worker on a recent checkpoint records nothing
+    assert bus.record_once("probes", f"{n - 1:064x}", {"step": n - 1}) is None
+    assert not bus.is_done("probes", f"{0:064x}")
+    assert bus.mark_done("probes", f"{n:064x}") and not bus.mark_done("probes", f"{n:064x}")
+    assert bus.client.llen(bus.done_order_key("probes")) == 2 * maxlen
+    # a consumer with an entry pending is never pruned, however long it has been idle
+    bus.publish_checkpoint(ann(n, "bounded"))
+    assert len(bus.follow("probes", "busy", block_ms=10)) == 1
+    time.sleep(0.02)
+    assert bus.prune_consumers("probes", min_idle_ms=10) == [] and bus.pending("probes") == 1
+    assert bus.prune_consumers("nosuchgroup", 0) == []
+    for key in bus.client.scan_iter("loupe:bounded:*", count=1000):
+        bus.client.delete(key)
+
+
+@pytest.mark.integration
 def test_pending_entries_trimmed_away_are_skipped(bus):
     bus.ensure_group("probes")
     for s in range(3):

@@ -200,3 +200,32 @@ def test_retention_keeps_last_k_and_every_nth(tmp_path):
     for step in range(1, 6):
         save_checkpoint(everything, policy, {"step": step}, keep_last=0)
     assert len(list_checkpoints(everything)) == 5
+
+
+@pytest.mark.unit
+def test_retention_bounds_training_state_files_too(tmp_path):
+    """keep_last=3, keep_every=4 over 20 checkpoints: weights of 3 + 5 (numbers 0, 4, ..., 16),
+    training state of the newest 3 only; the newest resumes, an old kept one says it cannot."""
+    policy = make(attention=False)
+    learner = PPOLearner(policy, small_cfg(), device="cpu")
+    state = learner.state_dict()
+    for step in range(1, 21):
+        save_checkpoint(tmp_path, policy, {"step": step * 10}, train_state=state,
+                        keep_last=3, keep_every=4)  # fmt: skip
+        files = list((tmp_path / "checkpoints").iterdir())
+        n_state = sum(p.name.endswith(".state.safetensors") for p in files)
+        n_weights = sum(p.name.endswith(".safetensors") for p in files) - n_state
+        assert n_state <= 3 and n_weights <= 3 + -(-step // 4)  # the stated bound, at every step
+    steps = [json.loads(p.read_text())["step"] for p in list_checkpoints(tmp_path)]
+    assert steps == [10, 50, 90, 130, 170, 180, 190, 200]
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert [n for n in names if n.endswith(".state.safetensors")] == [
+        f"ckpt-{s:012d}.state.safetensors" for s in (180, 190, 200)
+    ]
+    assert len(names) == 8 * 2 + 3 and not any(n.endswith(".tmp") for n in names)
+    load_train_state(latest_checkpoint(tmp_path))
+    old = tmp_path / "checkpoints" / "ckpt-000000000050.json"
+    assert "state" not in json.loads(old.read_text())
+    load_checkpoint(old, build_policy=build_tiny)  # its weights are whole and verified
+    with pytest.raises(LoupeError, match="no training state"):
+        load_train_state(old)

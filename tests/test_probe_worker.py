@@ -166,6 +166,50 @@ def test_edit_from_probe_nmf_direction(trained, tmp_path):
 
 
 @pytest.mark.integration
+def test_old_probe_directories_are_pruned_to_their_summary(run_with_bus):
+    """3 checkpoints (write order 0..2), --keep-last 1 --keep-every 2 --tb-images-every 2: the
+    directories of 0 and 2 stay whole, 1 keeps summary.json only; the run page still has every
+    checkpoint's scalars, TensorBoard the overlays of 0 and 2 and the scalars of all three."""
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from learner.checkpoint import load_checkpoint, save_checkpoint
+    from loupe.explorer.bundle import run_data
+    from loupe.retention import is_pruned
+
+    run, server, bus = run_with_bus
+    policy, meta = load_checkpoint(checkpoints(run)[-1])
+    with torch.no_grad():  # one more real checkpoint, with weights of its own
+        for p in policy.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    save_checkpoint(run, policy, {**meta, "step": meta["step"] + 32}, keep_last=0)
+    paths = checkpoints(run)
+    assert [json.loads(p.read_text())["index"] for p in paths] == [0, 1, 2]
+    for path in paths:
+        announce(bus, path)
+    proc = loupe(*worker(run, server, "--consumer", "w", "--exit-when-idle", "2", "--keep-last",
+                         "1", "--keep-every", "2", "--tb-images-every", "2"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "probed 3 checkpoint(s)" in proc.stdout
+    steps = [json.loads(p.read_text())["step"] for p in paths]
+    dirs = sorted((run / "probes").iterdir())
+    assert len(dirs) == 3
+    pruned = [d for d in dirs if is_pruned(d)]
+    assert [json.loads((d / "summary.json").read_text())["step"] for d in pruned] == [steps[1]]
+    assert sorted(p.name for p in pruned[0].iterdir()) == ["pruned.json", "summary.json"]
+    assert json.loads((pruned[0] / "pruned.json").read_text())["bytes_removed"] > 10_000
+    for d in set(dirs) - set(pruned):
+        assert list(d.rglob("*.png")) and (d / "overview.png").is_file()
+    points = run_data(run, {})["points"]
+    assert [p["step"] for p in points] == steps
+    assert all(p["top10_attribution_share"] is not None for p in points)
+    events = EventAccumulator(str(run / "tb" / "probes-w"), size_guidance={"images": 0}).Reload()
+    images = [e.step for e in events.Images("probe/attribution/positive-0")]
+    assert sorted(images) == [steps[0], steps[2]]
+    assert sorted(e.step for e in events.Scalars("probe/top10_attribution_share")) == steps
+
+
+@pytest.mark.integration
 def test_worker_waits_out_a_redis_restart_and_goes_on(run_with_bus, caplog):
     """Found by the soak: a worker whose Redis was restarted (killed and started again by the
     learner) ended with an internal error; it now waits, bounded, and takes up the stream again."""

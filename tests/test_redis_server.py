@@ -151,6 +151,33 @@ def test_server_orphaned_by_a_killed_process_is_taken_over(tmp_path):
         assert heir.alive() and wait_gone(orphan)
 
 
+@pytest.mark.integration
+def test_append_only_file_stays_bounded(tmp_path):
+    """The AOF is compacted once it doubles past aof_rewrite_min_mb: 60 overwrites of one 100 kB
+    value (6 MB of commands, 100 kB of data) leave it below max(1 MB, 2 x the data)."""
+    with RedisServer(tmp_path, appendfsync="no", aof_rewrite_min_mb=1) as srv:
+        client = redis.Redis(host=srv.host, port=srv.port, password=srv.password)
+        assert client.config_get("auto-aof-rewrite-min-size") == {
+            "auto-aof-rewrite-min-size": str(1 << 20)
+        }
+        assert client.config_get("auto-aof-rewrite-percentage")["auto-aof-rewrite-percentage"] == (
+            "100"
+        )
+        value = os.urandom(100_000)
+        for _ in range(60):
+            client.set("big", value)
+        deadline = time.monotonic() + 20
+        while client.info("persistence")["aof_current_size"] >= 1 << 20:  # a rewrite in the cron
+            assert time.monotonic() < deadline, client.info("persistence")
+            time.sleep(0.05)
+        while client.info("persistence")["aof_rewrite_in_progress"]:
+            time.sleep(0.05)
+        assert client.info("persistence")["aof_base_size"] > 0  # it was rewritten
+        assert (tmp_path / "appendonly.aof").stat().st_size < 1 << 20
+        client.close()
+        assert client.get("big") == value  # nothing lost by the rewrite
+
+
 @pytest.mark.unit
 def test_binding_beyond_loopback_needs_a_password(tmp_path):
     with pytest.raises(LoupeError, match="refusing to bind Redis to 0.0.0.0 without a password"):
@@ -168,6 +195,7 @@ def test_binding_beyond_loopback_needs_a_password(tmp_path):
         ({"start_timeout": 0}, "start_timeout must be positive"),
         ({"appendfsync": "sometimes"}, "appendfsync 'sometimes' is not one of"),
         ({"bind": ""}, "bind address is empty"),
+        ({"aof_rewrite_min_mb": 0}, "aof_rewrite_min_mb must be at least 1"),
     ],
 )
 def test_bad_settings_are_one_line_errors(tmp_path, kwargs, message):

@@ -237,9 +237,12 @@ def test_classify(cmdline, role):
 
 
 @pytest.mark.unit
-def test_a_train_process_with_a_train_child_is_the_supervisor():
+def test_train_processes_by_depth():
     argv = ["/venv/bin/python", "-m", "loupe.cli", "train", "--run-dir", "r", "--supervise"]
-    assert P.classify(argv, has_train_child=True) == "supervisor"
+    assert P.classify(argv, 0, supervised=True) == "supervisor"
+    assert P.classify(argv, 1, supervised=True) == "learner"
+    assert P.classify(argv, 2, supervised=True) == "fork"  # the learner forking redis-server
+    assert P.classify(argv, 0) == "learner" and P.classify(argv, 1) == "fork"
 
 
 @pytest.mark.unit

@@ -9,10 +9,17 @@
     bus.claim_stale("probes", "worker-2", min_idle_ms=30_000)   # a dead worker's entries
 
 Keys of run ``R``: ``loupe:R:checkpoints`` (announcements), ``loupe:R:results`` (probe results),
-``loupe:R:rejected`` (entries a follower could not read, with the reason) and
-``loupe:R:done:<probe>:<sha256>`` (exactly-once marks). Entries are flat string fields (never
-pickled); result values are JSON. Streams keep entries while a follower is down, which pub/sub would
-drop; the server's AOF keeps them across a server crash.
+``loupe:R:rejected`` (entries a follower could not read, with the reason),
+``loupe:R:done:<probe>:<sha256>`` (exactly-once marks) and ``loupe:R:done-order:<probe>`` (those
+marks, oldest first). Entries are flat string fields (never pickled); result values are JSON.
+Streams keep entries while a follower is down, which pub/sub would drop; the server's AOF keeps
+them across a server crash.
+
+Everything is bounded for runs of any length: each stream holds about ``maxlen`` entries (XADD
+MAXLEN ~, trimmed a whole radix-tree node at a time, so up to ``maxlen`` + 100), each suite keeps
+at most ``2 * maxlen`` done marks (the oldest is deleted with the mark that pushes it out: its
+announcement left the stream long ago, so it can never be delivered again), and consumers of a
+group that are gone (idle, nothing pending) are deleted by ``prune_consumers``.
 """
 
 from __future__ import annotations
@@ -33,12 +40,33 @@ SCHEMA = 1
 REQUIRED = ("run_id", "step", "uri", "sha256", "policy", "env")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
-# SET NX of the done mark and XADD of the result in one step: a result is recorded exactly once
+# SET NX of the done mark and XADD of the result in one step: a result is recorded exactly once.
+# The mark joins the suite's list of marks; beyond ARGV[3] of them the oldest is deleted.
 _RECORD_ONCE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
-  return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+  if redis.call('RPUSH', KEYS[3], KEYS[1]) > tonumber(ARGV[3]) then
+    redis.call('DEL', redis.call('LPOP', KEYS[3]))
+  end
+  if #ARGV > 3 then
+    return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4))
+  end
+  return 1
 end
 return false
+"""
+
+# delete the consumers of group ARGV[1] with nothing pending and idle >= ARGV[2] ms
+_PRUNE_CONSUMERS = """
+local gone = {}
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+  if tonumber(info['pending']) == 0 and tonumber(info['idle']) >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    table.insert(gone, info['name'])
+  end
+end
+return gone
 """
 
 
@@ -190,6 +218,7 @@ class CheckpointBus:
         self.run_id = run_id
         self.maxlen = maxlen
         self._record_once = client.register_script(_RECORD_ONCE)
+        self._prune_consumers = client.register_script(_PRUNE_CONSUMERS)
 
     @property
     def checkpoints_key(self) -> str:
@@ -352,9 +381,20 @@ class CheckpointBus:
     def done_key(self, probe: str, sha256: str) -> str:
         return f"loupe:{self.run_id}:done:{probe}:{sha256}"
 
+    def done_order_key(self, probe: str) -> str:
+        """The list of ``probe``'s done marks, oldest first (it bounds their number)."""
+        return f"loupe:{self.run_id}:done-order:{probe}"
+
+    @property
+    def max_done_marks(self) -> int:
+        """Done marks kept per suite: twice the stream length, so a mark outlives its entry."""
+        return 2 * self.maxlen
+
     def mark_done(self, probe: str, sha256: str) -> bool:
         """Record that ``probe`` finished this checkpoint; False if it was already recorded."""
-        return bool(self.client.set(self.done_key(probe, sha256), str(time.time()), nx=True))
+        keys = [self.done_key(probe, sha256), self.results_key, self.done_order_key(probe)]
+        args = [str(time.time()), str(self.maxlen), str(self.max_done_marks)]
+        return bool(self._record_once(keys=keys, args=args))
 
     def is_done(self, probe: str, sha256: str) -> bool:
         return bool(self.client.exists(self.done_key(probe, sha256)))
@@ -364,10 +404,25 @@ class CheckpointBus:
         this (probe, checkpoint) was already recorded (nothing is published then)."""
         fields = [x for k, v in _json_fields(result).items() for x in (k, v)]
         entry = self._record_once(
-            keys=[self.done_key(probe, sha256), self.results_key],
-            args=[str(time.time()), str(self.maxlen), *fields],
+            keys=[self.done_key(probe, sha256), self.results_key, self.done_order_key(probe)],
+            args=[str(time.time()), str(self.maxlen), str(self.max_done_marks), *fields],
         )
         return entry or None
+
+    def prune_consumers(self, group: str, min_idle_ms: int) -> list[str]:
+        """Delete the consumers of ``group`` with nothing pending that have not read for
+        ``min_idle_ms`` (workers that are gone; a live one is created again by its next read)
+        -> their names. Each restarted worker is a new consumer, so without this the group's
+        consumer list would grow with every restart."""
+        import redis
+
+        try:  # in one script: no read can come in between the look and the delete
+            return list(self._prune_consumers(keys=[self.checkpoints_key],
+                                              args=[group, int(min_idle_ms)]))  # fmt: skip
+        except redis.exceptions.ResponseError as exc:
+            if "no such key" in str(exc).lower() or "NOGROUP" in str(exc):
+                return []  # no stream or no group yet
+            raise
 
     # -- waiting (tests, demos) -----------------------------------------------------------------
     def wait_for(

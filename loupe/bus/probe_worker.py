@@ -33,6 +33,9 @@ log = logging.getLogger("loupe.probe")
 #: a server), and the parent's pid (the worker stops when its parent is gone)
 PARENT_REDIS_ENV = "LOUPE_PROBE_REDIS"
 PARENT_PID_ENV = "LOUPE_PROBE_PARENT"
+#: a consumer with nothing pending that has not read for this long (or claim_idle_ms, if longer)
+#: is a worker that is gone: it is deleted from the group
+GONE_MS = 60_000
 
 
 @dataclasses.dataclass
@@ -56,6 +59,18 @@ class WorkerConfig:
     #: how long to wait for a Redis that stopped answering (restarted, or killed and started
     #: again by the learner) before giving up with one line
     redis_wait_s: float = 300.0
+    #: probe directories kept whole: the newest ``keep_last`` and those of every ``keep_every``-th
+    #: checkpoint (by write order; 0: none of the older ones); the others keep summary.json only
+    #: (``keep_last`` 0: keep every directory whole)
+    keep_last: int = 10
+    keep_every: int = 10
+    #: overlays go to TensorBoard for every ``tb_images_every``-th checkpoint (by write order;
+    #: 0: none); the scalars for every one
+    tb_images_every: int = 10
+
+    def __post_init__(self) -> None:
+        if min(self.keep_last, self.keep_every, self.tb_images_every) < 0:
+            raise LoupeError("probe keep_last, keep_every and tb_images_every must be >= 0")
 
 
 class ProbeWorker:
@@ -106,11 +121,29 @@ class ProbeWorker:
         first = self.bus.record_once(group, ann.sha256, result)  # mark + publish, atomically
         if first:
             self._log_scalars(ann.step, result["scalars"], latency)
-            from loupe.explorer.tensorboard import log_probe_images
+            index = summary.get("index")
+            every = self.config.tb_images_every
+            if every and (not isinstance(index, int) or index % every == 0):
+                from loupe.explorer.tensorboard import log_probe_images
 
-            log_probe_images(self.writer, result["out"], ann.step)
+                log_probe_images(self.writer, result["out"], ann.step)
         self.bus.ack(group, delivery.entry_id)
+        self._prune()
         return "done" if first else "skipped"
+
+    def _prune(self) -> None:
+        """Old probe directories down to summary.json (see ``loupe.retention``)."""
+        from loupe.retention import prune_probe_dirs
+
+        try:
+            pruned = prune_probe_dirs(
+                self.run_dir / "probes", self.config.keep_last, self.config.keep_every
+            )
+        except OSError as exc:  # a full disk or a permission: the probing goes on
+            log.warning("could not prune old probe directories: %s", exc)
+            return
+        for d in pruned:
+            log.debug("pruned %s to its summary.json", d)
 
     @contextlib.contextmanager
     def _keep_claimed(self, entry_id: str) -> Iterator[None]:
@@ -177,11 +210,17 @@ class ProbeWorker:
         idle_since = time.monotonic()
         busy = True
         outage: _Outage | None = None
+        pruned_at = -float("inf")
         try:
             while cfg.max_checkpoints is None or self.handled < cfg.max_checkpoints:
                 if stop is not None and stop():
                     break
                 try:
+                    gone_ms = max(cfg.claim_idle_ms, GONE_MS)
+                    if time.monotonic() - pruned_at > gone_ms / 1000:
+                        # workers that are gone (each restart is a new consumer) leave the group
+                        self.bus.prune_consumers(cfg.group, gone_ms)
+                        pruned_at = time.monotonic()
                     deliveries = self.bus.claim_stale(cfg.group, cfg.consumer, cfg.claim_idle_ms)
                     if not deliveries:
                         deliveries = self.bus.follow(cfg.group, cfg.consumer, block_ms=cfg.block_ms)

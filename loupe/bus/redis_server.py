@@ -112,6 +112,10 @@ class RedisServerConfig:
     #: a server still running over this data dir (left by a killed process; it knows our password)
     #: is shut down and replaced; False: refuse to start
     take_over: bool = True
+    #: the append-only file is rewritten (compacted to the data it holds) once it is at least this
+    #: many MB and twice its size after the last rewrite: on disk it stays below
+    #: max(this, 2 x the data), however long the run
+    aof_rewrite_min_mb: int = 16
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -124,6 +128,10 @@ class RedisServerConfig:
         if self.appendfsync not in APPENDFSYNC:
             raise LoupeError(
                 f"appendfsync {self.appendfsync!r} is not one of {', '.join(APPENDFSYNC)}"
+            )
+        if self.aof_rewrite_min_mb < 1:
+            raise LoupeError(
+                f"aof_rewrite_min_mb must be at least 1, got {self.aof_rewrite_min_mb}"
             )
         if self.bind not in LOOPBACK and self.password == "":
             raise LoupeError(
@@ -144,10 +152,12 @@ class RedisServer:
         start_timeout: float = 10.0,
         appendfsync: str = "always",
         take_over: bool = True,
+        aof_rewrite_min_mb: int = 16,
     ):
         self.config = RedisServerConfig(
-            Path(data_dir), bind, port, password, start_timeout, appendfsync, take_over
-        )
+            Path(data_dir), bind, port, password, start_timeout, appendfsync, take_over,
+            aof_rewrite_min_mb,
+        )  # fmt: skip
         saved = read_info(self.config.data_dir)
         if password is not None:
             self.password = password
@@ -222,6 +232,8 @@ class RedisServer:
             "--dir", str(self.data_dir.resolve()),
             "--appendonly", "yes",
             "--appendfsync", self.config.appendfsync,
+            "--auto-aof-rewrite-percentage", "100",
+            "--auto-aof-rewrite-min-size", f"{self.config.aof_rewrite_min_mb}mb",
             "--save", "",
             "--daemonize", "no",
             "--logfile", str(self.log_path.resolve()),

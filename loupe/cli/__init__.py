@@ -97,6 +97,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    "policy's)")  # fmt: skip
     p.add_argument("--checkpoint-every", type=int_range(1), default=None,
                    help="updates per checkpoint (default: 10)")  # fmt: skip
+    p.add_argument("--keep-last", type=int_range(0, 1_000_000), default=None,
+                   help="checkpoints kept with their training state, the newest; 0 keeps every "
+                   "checkpoint (default: 5)")  # fmt: skip
+    p.add_argument("--keep-every", type=int_range(0, 1_000_000), default=None,
+                   help="also keep the weights of every N-th checkpoint written; 0: none "
+                   "(default: 0)")  # fmt: skip
+    p.add_argument("--tb-max-points", type=int_range(0, 1_000_000_000), default=None,
+                   help="TensorBoard points per tag over the run at most; 0: one per update "
+                   "(default: 100000)")  # fmt: skip
     p.add_argument("--actors", type=int_range(0, MAX_WORKERS), default=None,
                    help="Ray rollout actors; 0 samples in-process (default: 0)")  # fmt: skip
     p.add_argument("--envs-per-actor", type=int_range(1, MAX_ENVS), default=None,
@@ -195,6 +204,9 @@ def build_train_config(args: argparse.Namespace):
         raise LoupeError(f"--learners must be at least 1, got {args.learners}")
     for key in (
         "checkpoint_every",
+        "keep_last",
+        "keep_every",
+        "tb_max_points",
         "learners",
         "inference",
         "max_policy_lag",

@@ -46,6 +46,15 @@ def register(sub) -> None:
                    help="stop after S idle seconds (default: follow the run until interrupted)")  # fmt: skip
     p.add_argument("--max-checkpoints", type=int_range(1), default=None,
                    help="stop after probing this many checkpoints (default: no limit)")  # fmt: skip
+    p.add_argument("--keep-last", type=int_range(0, 1_000_000), default=10,
+                   help="with --run: probe directories kept whole, the newest; older ones keep "
+                   "summary.json only; 0 keeps all whole")  # fmt: skip
+    p.add_argument("--keep-every", type=int_range(0, 1_000_000), default=10,
+                   help="with --run: also keep whole those of every N-th checkpoint written; 0: "
+                   "none")  # fmt: skip
+    p.add_argument("--tb-images-every", type=int_range(0, 1_000_000), default=10,
+                   help="with --run: overlays to TensorBoard for every N-th checkpoint written; "
+                   "0: none")  # fmt: skip
     p.set_defaults(func=cmd_probe)
 
     e = sub.add_parser("edit", help="project a feature direction out of a layer's consumer")
@@ -134,6 +143,9 @@ def probe_here(args: argparse.Namespace, run, bus, run_id: str, child: bool) -> 
         claim_idle_ms=args.claim_idle_ms,
         exit_when_idle=args.exit_when_idle,
         max_checkpoints=args.max_checkpoints,
+        keep_last=args.keep_last,
+        keep_every=args.keep_every,
+        tb_images_every=args.tb_images_every,
     )
     if args.consumer:
         worker_cfg.consumer = args.consumer

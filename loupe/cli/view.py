@@ -166,4 +166,7 @@ def _existing_probe(ckpt: Path) -> Path | None:
         return None
     run = ckpt.resolve().parent.parent
     d = run / "probes" / f"step-{meta['step']:012d}-{str(meta.get('sha256', ''))[:8]}"
-    return d if (d / "summary.json").is_file() else None
+    from loupe.retention import is_pruned
+
+    # a pruned one keeps its summary only (loupe.retention): probed again, not shown half
+    return d if (d / "summary.json").is_file() and not is_pruned(d) else None

@@ -636,8 +636,11 @@ def build_run_bundle(run_dir, out_dir, config: BundleConfig | None = None,
     out = Path(out_dir)
     copy_static(out)
     built = {} if built is None else built
+    from loupe.retention import is_pruned
+
     dirs = run_probe_dirs(run.path)
-    todo = {"all": dirs, "latest": dirs[-1:], "none": []}[trajectories]
+    whole = [(d, s) for d, s in dirs if not is_pruned(d)]  # pruned ones: scalars only
+    todo = {"all": whole, "latest": whole[-1:], "none": []}[trajectories]
     for d, summary in todo:
         if d.name in built:
             continue

@@ -49,7 +49,8 @@ _NOTABLE = re.compile(
     r"WARNING|ERROR|error|restart|resumed from|lost its batch|redis-server|interrupted|Traceback"
 )
 _RESUMED = re.compile(r"resumed from \S+ at step (\d+)")
-_CKPT_LINE = re.compile(r"^checkpoint (\S+ckpt-(\d{12})\.json)")
+#: the probe worker's consumer name, the same after each restart
+PROBE_CONSUMER = "soak-probe"
 
 
 @dataclasses.dataclass
@@ -94,7 +95,7 @@ class SoakConfig:
     num_steps: int = 64
     minibatches: int = 4
     epochs: int = 1
-    checkpoint_every: int = 20
+    checkpoint_every: int = 12
     #: `loupe train --supervise --max-restarts` (when this loupe has --supervise)
     max_restarts: int = 5
     #: the probe worker's sizes (small: one checkpoint in well under a minute)
@@ -245,7 +246,7 @@ class Soak:
         restarted worker takes up its own unfinished entry at once."""
         cfg = self.config
         return self.loupe_argv(
-            "probe", "--run", str(self.run_dir), "--consumer", "soak-probe",
+            "probe", "--run", str(self.run_dir), "--consumer", PROBE_CONSUMER,
             "--num-envs", str(cfg.probe_num_envs), "--num-steps", str(cfg.probe_num_steps),
             "--ig-samples", str(cfg.probe_ig_samples),
             "--smoothgrad-copies", str(cfg.probe_smoothgrad_copies),
@@ -272,7 +273,7 @@ class Soak:
 
     def tree(self, count_fds: bool = False) -> list[P.Proc]:
         """The harness's processes now."""
-        procs = P.tree(count_fds=count_fds)
+        procs = P.tree(count_fds=count_fds, supervised=self.supervise)
         for p in procs:
             if p.key not in self.seen_pids:
                 self.seen_pids[p.key] = {"pid": p.pid, "role": p.role, "first": self.now()}
@@ -327,6 +328,17 @@ class Soak:
             client.close()
             self.redis_client = None
             return None
+
+    def consumer_idle_s(self, consumer: str) -> float | None:
+        """Seconds since ``consumer`` of the probe group last talked to Redis (None: unknown)."""
+
+        def idle(client) -> float | None:
+            for c in client.xinfo_consumers(self.stream_key("checkpoints"), "probes"):
+                if c["name"] == consumer:
+                    return c["idle"] / 1000
+            return None
+
+        return self.redis_call(idle)
 
     @property
     def run_id(self) -> str:
@@ -491,16 +503,16 @@ class Soak:
             victim = next((p for p in procs if p.pid == self.probe.pid), None)
             if victim is None:
                 return self._no_target(component)
-            results_before = self.results_seen
 
             def back(soak: Soak) -> str | None:
+                # the consumer name is fixed: once the dead worker's name talks to Redis again,
+                # the restarted worker follows the stream (its unfinished entry first)
                 started = [s for s in soak.probe_starts if s > t]
                 if not started:
                     return None
-                if soak.results_seen > results_before:
-                    return "the restarted worker published a result"
-                if any(s > started[0] for s in soak.idle_lines):
-                    return "the restarted worker caught up with the stream"
+                idle = soak.consumer_idle_s(PROBE_CONSUMER)
+                if idle is not None and idle < soak.now() - started[0]:
+                    return "the restarted worker reads the stream again"
                 return None
 
         elif component == "redis":
@@ -606,6 +618,7 @@ class Soak:
             finally:
                 self._stop_all()
             report = self.report(kills, subreaper)
+            (self.work / "samples.json").write_text(json.dumps(self.samples))
             if self.out is not None:
                 from loupe.config import save_json
 

@@ -61,10 +61,13 @@ def become_subreaper() -> bool:
         return False
 
 
-def classify(
-    cmdline: list[str], parent_is_train: bool = False, has_train_child: bool = False
-) -> str:
-    """The role of a process from its command line (pure)."""
+def classify(cmdline: list[str], train_depth: int = 0, supervised: bool = False) -> str:
+    """The role of a process from its command line (pure).
+
+    ``train_depth`` is the number of `loupe train` processes above a `loupe train` process: with
+    ``supervised`` the top one is the supervisor and its child the learner, else the top one is
+    the learner; anything deeper is a fork on its way to another program ("fork", transient).
+    """
     text = " ".join(cmdline)
     # a process that set its title (redis-server, Ray) has one argument holding spaces
     exe = Path(text.split(" ", 1)[0]).name if text else ""
@@ -85,7 +88,9 @@ def classify(
         return "ray_agent"
     if "loupe.cli" in cmdline or any(Path(c).name == "loupe" for c in cmdline[:2]):
         if "train" in cmdline:
-            return "supervisor" if has_train_child else "learner"
+            if train_depth == 0:
+                return "supervisor" if supervised else "learner"
+            return "learner" if supervised and train_depth == 1 else "fork"
         if "probe" in cmdline:
             return "probe_worker"
     return "other"
@@ -148,18 +153,20 @@ def read_proc(pid: int, count_fds: bool = True) -> Proc | None:
                 pages * PAGE, cpu, fds)  # fmt: skip
 
 
-def tree(root: int | None = None, count_fds: bool = True) -> list[Proc]:
-    """The processes below ``root`` (default: this process), classified."""
+def tree(root: int | None = None, count_fds: bool = True, supervised: bool = False) -> list[Proc]:
+    """The processes below ``root`` (default: this process), classified (``supervised``: the
+    training runs under `loupe train --supervise`)."""
     root = os.getpid() if root is None else root
     parents = scan_children()
     procs = [p for p in (read_proc(pid, count_fds) for pid in descendants(root, parents)) if p]
-    train_parents = {
-        p.ppid for p in procs if classify(p.cmdline) in ("learner", "supervisor")
-    }  # a train process whose child is a train process supervises it
+    by_pid = {p.pid: p for p in procs}
+    trains = {p.pid for p in procs if classify(p.cmdline) == "learner"}
     for p in procs:
-        p.role = classify(p.cmdline, has_train_child=p.pid in train_parents)
-        if p.role == "other" and p.state == "Z":
-            p.role = "zombie"
+        depth, up = 0, by_pid.get(p.ppid)
+        while up is not None:
+            depth += up.pid in trains
+            up = by_pid.get(up.ppid)
+        p.role = "zombie" if p.state == "Z" else classify(p.cmdline, depth, supervised)
     return procs
 
 

@@ -248,20 +248,54 @@ def stalls(soak: Soak) -> dict[str, Any]:
     }
 
 
+def entry_times(soak: Soak, entries: Sequence[tuple[str, Any]] | None) -> list[float]:
+    """Soak times of stream entries (an entry id is ``<ms since the epoch>-<seq>``)."""
+    return sorted(soak.from_wall(int(i.split("-")[0]) / 1000) for i, _ in entries or [])
+
+
 def recoveries(soak: Soak) -> list[dict[str, Any]]:
     """Each kill: when, what, how long until the component was back, and until the next
-    checkpoint."""
+    checkpoint, announcement and probe result."""
     out = []
-    seen = sorted(c["seen"] for c in soak.checkpoints.values())
+    ann, res = soak.streams or ([], [])
+    marks = {
+        "next_checkpoint_s": sorted(c["seen"] for c in soak.checkpoints.values()),
+        "next_announcement_s": entry_times(soak, ann),
+        "next_probe_result_s": entry_times(soak, res),
+    }
     for w in soak.kills:
-        nxt = next((t for t in seen if t > w.t), None)
-        out.append({
-            "component": w.component, "t": round(w.t, 2), "pid": w.pid, **w.detail,
-            "back_s": None if w.back_s is None else round(w.back_s, 2), "how": w.note,
-            "next_checkpoint_s": None if nxt is None else round(nxt - w.t, 2),
-            "ok": w.back_s is not None and w.back_s < soak.config.recovery_target_s,
-        })  # fmt: skip
+        row = {"component": w.component, "t": round(w.t, 2), "pid": w.pid, **w.detail,
+               "back_s": None if w.back_s is None else round(w.back_s, 2), "how": w.note,
+               "ok": w.back_s is not None and w.back_s < soak.config.recovery_target_s}  # fmt: skip
+        for name, times in marks.items():
+            nxt = next((t for t in times if t > w.t), None)
+            row[name] = None if nxt is None else round(nxt - w.t, 2)
+        out.append(row)
     return out
+
+
+def series(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The sampled series in compact form: per sample the time, each role's summed RSS and
+    descriptors, Redis and object-store memory, the run directory and the newest step."""
+    roles = sorted({row["role"] for s in samples for row in s["procs"]})
+    out: dict[str, Any] = {"t": [s["t"] for s in samples], "rss_mb": {}, "fds": {}}
+    for role in roles:
+        for field, key in (("rss_mb", "rss_mb"), ("fds", "fds")):
+            out[key][role] = [
+                round(sum(r[field] or 0 for r in s["procs"] if r["role"] == role), 1)
+                for s in samples
+            ]
+    out["redis_used_memory_mb"] = [_round((s.get("redis") or {}).get("used_memory_mb"))
+                                   for s in samples]  # fmt: skip
+    out["object_store_mb"] = [_round((s.get("object_store") or {}).get("used_mb")) for s in samples]
+    out["run_dir_mb"] = [_round(s["run_dir_mb"]["total"]) for s in samples]
+    out["ray_session_dirs_mb"] = [_round(s.get("ray_sessions_mb")) for s in samples]
+    out["newest_step"] = [s.get("newest_step") for s in samples]
+    return out
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def measured_sizes(soak: Soak, last: dict[str, Any]) -> dict[str, Any]:
@@ -377,6 +411,7 @@ def build_report(soak: Soak, kills: list[Kill], subreaper: bool) -> dict[str, An
         },  # fmt: skip
         "sizes": sizes,
         "leftover_processes": soak.leftovers,
+        "series": series(soak.samples),
         "events": soak.events,
     }
     report["projection_1e9_steps"] = projection(soak, sizes, slope)
