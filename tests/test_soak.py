@@ -294,3 +294,18 @@ def test_tree_sees_only_this_process_descendants():
         child.kill()
         child.wait()
     assert child.pid not in {p.pid for p in P.tree()}
+
+
+@pytest.mark.unit
+def test_the_supervisor_stays_small_with_a_device_option():
+    """Found by the soak: `loupe train --supervise --device cpu` carried torch (about 250 MB of
+    RSS) in the supervisor, because checking the option imported it."""
+    code = (
+        "import sys; from loupe.cli import _load_extra_commands, make_parser; "
+        "_load_extra_commands(); "
+        "a = make_parser().parse_args(['train', '--device', 'cuda:1', '--supervise']); "
+        "assert a.device == 'cuda:1'; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -65,7 +65,7 @@ class SoakConfig:
     #: soak, at most 240)
     warmup_s: float | None = None
     #: seconds a restarted process warms up before its samples count for slopes
-    segment_warmup_s: float = 90.0
+    segment_warmup_s: float = 150.0
     #: seconds between kills (None: the window after the warm-up split over the components, at
     #: most 180)
     kill_every_s: float | None = None
@@ -178,7 +178,6 @@ class Soak:
         self.watch: Watch | None = None
         self.probe_starts: list[float] = []
         self.train_starts: list[float] = []
-        self.idle_lines: list[float] = []  # probe worker "waiting for checkpoints" lines
         self.results_seen = 0
         self.announced_seen = 0
         self.redis_client = None
@@ -198,6 +197,8 @@ class Soak:
         self.t_drained: float | None = None
         #: (announcements, results) read from the streams after the drain
         self.streams: tuple[list, list] | None = None
+        #: Redis memory per entry and done mark, measured after the drain
+        self.redis_sizes: dict[str, float] | None = None
         self._server = None
         self.leftovers: list[dict[str, Any]] = []
 
@@ -234,7 +235,7 @@ class Soak:
             "--actors", str(cfg.actors), "--envs-per-actor", str(cfg.envs_per_actor),
             "--num-steps", str(cfg.num_steps), "--minibatches", str(cfg.minibatches),
             "--epochs", str(cfg.epochs), "--checkpoint-every", str(cfg.checkpoint_every),
-            "--total-steps", str(10**12), "--device", "cpu", "--run-dir", str(self.run_dir),
+            "--total-steps", str(10**8), "--device", "cpu", "--run-dir", str(self.run_dir),
             "--no-progress",
         )  # fmt: skip
         if self.supervise:
@@ -372,7 +373,6 @@ class Soak:
         if resumed:
             self.resumes.append((t, int(resumed.group(1))))
         if source == "probe" and line.startswith("waiting for checkpoints"):
-            self.idle_lines.append(t)
             return
         if _NOTABLE.search(line) and len(self.events) < 2000:
             self.events.append({"t": t, "kind": source, "text": line.strip()[:400]})
@@ -721,10 +721,23 @@ class Soak:
                 break
             time.sleep(1.0)
         self.t_drained = self.now()
+        self.redis_sizes = self.redis_call(self._redis_sizes)
         self.streams = self.redis_call(lambda c: (
             c.xrange(self.stream_key("checkpoints")), c.xrange(self.stream_key("results")),
         ))  # fmt: skip
         self._terminate(self.probe, "probe worker", timeout=60)
+
+    def _redis_sizes(self, client) -> dict[str, float]:
+        """Redis memory per checkpoint entry, result entry and done mark (MEMORY USAGE)."""
+        out = {}
+        for name, key in (("checkpoint_entry", "checkpoints"), ("result_entry", "results")):
+            n = client.xlen(self.stream_key(key))
+            out[name] = (client.memory_usage(self.stream_key(key), samples=0) or 0) / max(n, 1)
+        marks = list(client.scan_iter(match=f"loupe:{self.run_id}:done:*", count=1000))
+        order = client.memory_usage(f"loupe:{self.run_id}:done-order:probes", samples=0) or 0
+        used = sum(client.memory_usage(k, samples=0) or 0 for k in marks) + order
+        out["done_mark"] = used / max(len(marks), 1)
+        return out
 
     def _group_caught_up(self) -> bool:
         def check(c) -> bool:

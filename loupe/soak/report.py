@@ -298,54 +298,137 @@ def _round(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def measured_sizes(soak: Soak, last: dict[str, Any]) -> dict[str, Any]:
-    """Per-item sizes the projection needs, from the soak's own files."""
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def tb_sizes(tb_dir: Path) -> dict[str, float]:
+    """Bytes of the learner's TensorBoard events per point (per step it logged at), and of the
+    probe workers' scalars per probed checkpoint and images per checkpoint with images."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    out = {"train_bytes": 0, "train_points": 0, "probe_scalar_bytes": 0, "probe_image_bytes": 0,
+           "probe_scalar_steps": 0, "probe_image_steps": 0}  # fmt: skip
+    for path in sorted(tb_dir.rglob("events.out.tfevents.*")):
+        probe = path.parent != tb_dir
+        steps: set[int] = set()
+        image_steps: set[int] = set()
+        for event in EventFileLoader(str(path)).Load():
+            if not event.HasField("summary"):
+                continue
+            size = event.ByteSize() + 16  # the record's length, CRCs
+            if not probe:
+                out["train_bytes"] += size
+                steps.add(event.step)
+            elif any(v.HasField("image") for v in event.summary.value):
+                out["probe_image_bytes"] += size
+                image_steps.add(event.step)
+            else:
+                out["probe_scalar_bytes"] += size
+                steps.add(event.step)
+        key = "probe_scalar_steps" if probe else "train_points"
+        out[key] += len(steps)
+        out["probe_image_steps"] += len(image_steps)
+    return out
+
+
+def measured_sizes(soak: Soak) -> dict[str, Any]:
+    """Per-item sizes for ``loupe.retention.project``, from the soak's own files and Redis."""
     records = list(soak.checkpoints.values())
     n = max(len(records), 1)
-    ckpt = sum(c["size"] + c["state_size"] + c["json_size"] for c in records) / n
-    ann_entries, res_entries = soak.streams or ([], [])
-    probed = max(len(res_entries), 1)
-    run_mb = last.get("run_dir_mb", {})
-    steps_trained = max((c["step"] for c in records), default=0)
-    cfg = soak.config
-    return {
-        "checkpoint_bytes": ckpt,
-        "probe_bytes_per_checkpoint": run_mb.get("probes", 0.0) * (1 << 20) / probed,
-        "tb_bytes_per_step": run_mb.get("tb", 0.0) * (1 << 20) / max(steps_trained, 1),
-        "redis_dir_bytes": run_mb.get("redis", 0.0) * (1 << 20),
-        "redis_used_memory_bytes": ((last.get("redis") or {}).get("used_memory_mb") or 0) * (1 << 20),
-        "stream_entries": len(ann_entries) + len(res_entries),
-        "steps_per_checkpoint": cfg.actors * cfg.envs_per_actor * cfg.num_steps * cfg.checkpoint_every,
-        "steps_trained": steps_trained,
+    probes = soak.run_dir / "probes"
+    full, pruned = [], []
+    for d in sorted(probes.glob("step-*")) if probes.is_dir() else []:
+        (pruned if (d / "pruned.json").is_file() else full).append(_dir_size(d))
+    tb = tb_sizes(soak.run_dir / "tb") if (soak.run_dir / "tb").is_dir() else {}
+    redis_sizes = soak.redis_sizes or {}
+    summary = [len((d / "summary.json").read_bytes()) for d in probes.glob("step-*")
+               if (d / "summary.json").is_file()] if probes.is_dir() else []  # fmt: skip
+    sizes = {
+        "checkpoint_weights": sum(c["size"] for c in records) / n,
+        "checkpoint_state": sum(c["state_size"] for c in records) / n,
+        "checkpoint_meta": sum(c["json_size"] for c in records) / n,
+        "probe_full": sum(full) / max(len(full), 1),
+        # a pruned directory keeps summary.json and a marker of about 60 bytes
+        "probe_pruned": sum(pruned) / len(pruned) if pruned
+        else (sum(summary) / max(len(summary), 1) + 60),
+        "tb_train_per_point": tb.get("train_bytes", 0) / max(tb.get("train_points", 0), 1),
+        "tb_probe_scalars": tb.get("probe_scalar_bytes", 0) / max(tb.get("probe_scalar_steps", 0), 1),
+        "tb_probe_images": tb.get("probe_image_bytes", 0) / max(tb.get("probe_image_steps", 0), 1),
+        "redis_checkpoint_entry": redis_sizes.get("checkpoint_entry", 0),
+        "redis_result_entry": redis_sizes.get("result_entry", 0),
+        "redis_done_mark": redis_sizes.get("done_mark", 0),
     }  # fmt: skip
+    return {"sizes": {k: round(v, 1) for k, v in sizes.items()},
+            "counts": {"checkpoints": len(records), "probe_dirs_full": len(full),
+                       "probe_dirs_pruned": len(pruned), **tb}}  # fmt: skip
 
 
-def projection(soak: Soak, sizes: dict[str, Any], slope: dict[str, Any]) -> dict[str, Any]:
-    """Disk, Redis and memory at 1e9 steps (loupe's projection function where this loupe has
-    one, else a linear estimate from the measured sizes)."""
-    try:
-        from loupe.retention import project  # type: ignore[import-not-found]
-    except ImportError:
-        project = None
-    if project is not None:
-        return {"source": "loupe.retention.project", **project(sizes)}
-    steps = 1e9
-    n_ckpt = steps / max(sizes["steps_per_checkpoint"], 1)
-    keep_last = 5
-    disk = {
-        "checkpoints_gb": keep_last * sizes["checkpoint_bytes"] / 1e9,
-        "probes_gb": n_ckpt * sizes["probe_bytes_per_checkpoint"] / 1e9,
-        "tb_gb": steps * sizes["tb_bytes_per_step"] / 1e9,
-    }
-    disk["total_gb"] = sum(disk.values())
-    return {
-        "source": "linear estimate from the soak's sizes (no loupe.retention here)",
-        "steps": steps,
-        "checkpoints": n_ckpt,
-        "disk": disk,
-        "under_target": disk["total_gb"] < DISK_TARGET_GB,
-        "target_gb": DISK_TARGET_GB,
-    }
+def default_policy_sizes(weights: float, state: float) -> dict[str, float]:
+    """Checkpoint sizes of the default CoinRun policy (impala): its weights file is measured by
+    writing one; its training state scaled by the state/weights ratio the soak measured (Adam
+    keeps two moments per weight, so the ratio does not depend on the network)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from attention import build_policy
+
+    policy = build_policy("impala", (3, 64, 64), 15)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "w.safetensors"
+        save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, str(path))
+        impala = path.stat().st_size
+    return {"checkpoint_weights": impala, "checkpoint_state": impala * state / max(weights, 1)}
+
+
+def projection(soak: Soak, measured: dict[str, Any], slope: dict[str, Any]) -> dict[str, Any]:
+    """Disk, Redis and memory at 1e9 steps with loupe's default retention: at the soak's own
+    settings, and at the defaults of `loupe train --env procgen:coinrun` (impala, 64 envs x 256
+    steps, a checkpoint every 10 updates)."""
+    from learner import PPOConfig
+    from loupe.retention import MeasuredSizes, Retention, project
+
+    cfg = soak.config
+    sizes = measured["sizes"]
+    soak_sizes = MeasuredSizes(**{k: int(round(v)) for k, v in sizes.items()})
+    default = PPOConfig.preset("procgen")
+    impala = default_policy_sizes(sizes["checkpoint_weights"], sizes["checkpoint_state"])
+    default_sizes = dataclasses.replace(soak_sizes, **{k: int(v) for k, v in impala.items()})
+    out: dict[str, Any] = {"source": "loupe.retention.project", "retention": dataclasses.asdict(
+        Retention())}  # fmt: skip
+    for name, s, steps_per_update, every in (
+        ("soak_settings", soak_sizes, cfg.actors * cfg.envs_per_actor * cfg.num_steps,
+         cfg.checkpoint_every),
+        ("defaults", default_sizes, default.num_envs * default.num_steps, 10),
+    ):  # fmt: skip
+        p = project(s, Retention(), steps_per_update, every, total_steps=10**9)
+        out[name] = {"steps_per_update": steps_per_update, "checkpoint_every": every,
+                     "sizes": dataclasses.asdict(s), **p,
+                     "disk_gb": p["disk_bytes"] / 1e9,
+                     "redis_memory_mb": p["redis_memory_bytes"] / (1 << 20)}  # fmt: skip
+    out["disk_target_gb"] = DISK_TARGET_GB
+    out["under_target"] = out["defaults"]["disk_gb"] < DISK_TARGET_GB
+    # memory: each process's RSS slope carried over the time 1e9 steps take at the soak's rate
+    rate = steps_per_s(soak)
+    out["steps_per_s_measured"] = rate
+    if rate:
+        hours = 1e9 / rate / 3600
+        out["hours_for_1e9_at_measured_rate"] = hours
+        out["rss_growth_mb_at_1e9"] = {
+            role: (fit["slope_per_10min"] or 0) * hours * 6
+            for role, fit in slope["rss_mb_per_10min"].items()
+            if role in LOUPE_ROLES and fit.get("slope_per_10min") is not None
+        }
+    return out
+
+
+def steps_per_s(soak: Soak) -> float | None:
+    """Training rate over the soak: newest step / time, from the first checkpoint to the last."""
+    seen = sorted((c["seen"], c["step"]) for c in soak.checkpoints.values())
+    if len(seen) < 2 or seen[-1][0] <= seen[0][0]:
+        return None
+    return (seen[-1][1] - seen[0][1]) / (seen[-1][0] - seen[0][0])
 
 
 def violations(report: dict[str, Any]) -> list[str]:
@@ -386,7 +469,7 @@ def build_report(soak: Soak, kills: list[Kill], subreaper: bool) -> dict[str, An
     cfg = soak.config
     last = last_values(soak.samples)
     slope = slopes(soak.samples, cfg.warmup_s, cfg.segment_warmup_s)
-    sizes = measured_sizes(soak, last)
+    sizes = measured_sizes(soak)
     report = {
         "note": NOTE,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -415,6 +498,7 @@ def build_report(soak: Soak, kills: list[Kill], subreaper: bool) -> dict[str, An
         "events": soak.events,
     }
     report["projection_1e9_steps"] = projection(soak, sizes, slope)
+    report["steps_per_s"] = steps_per_s(soak)
     report["violations"] = violations(report)
     return report
 
