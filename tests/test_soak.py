@@ -309,3 +309,26 @@ def test_the_supervisor_stays_small_with_a_device_option():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.unit
+def test_the_learner_lines_a_restart_is_timed_by():
+    from loupe.soak.harness import _RESUMED
+
+    line = "2026-12-01 20:55:03,738 loupe.train INFO resumed from /r/ckpt-000000040960.json at step 40960"
+    m = _RESUMED.search(line)
+    assert int(m.group(1) or m.group(2)) == 40960
+    m = _RESUMED.search(
+        "loupe.train WARNING no checkpoint in /r/checkpoints yet; starting from step 0"
+    )
+    assert int(m.group(1) or m.group(2)) == 0  # killed before its first checkpoint
+
+
+@pytest.mark.unit
+def test_a_work_dir_that_is_not_empty_is_refused(capsys, tmp_path):
+    from loupe.cli import main
+
+    (tmp_path / "old").write_text("x")
+    code = main(["soak", "--work-dir", str(tmp_path), "--out", str(tmp_path / "s.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not empty" in err and err.count("\n") == 1

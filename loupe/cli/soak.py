@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from loupe.cli.args import check_out, float_range, path_arg
+from loupe.errors import LoupeError
 
 
 def register(sub) -> None:
@@ -38,7 +39,9 @@ def cmd_soak(args: argparse.Namespace) -> int:
     out = check_out(args.out, "--out", kind="file")
     plot = check_out(args.plot, "--plot", kind="file")
     if args.work_dir is not None:
-        check_out(args.work_dir, "--work-dir")
+        work = check_out(args.work_dir, "--work-dir")
+        if work.is_dir() and any(work.iterdir()):
+            raise LoupeError(f"--work-dir {work} is not empty; choose a new or empty directory")
     config = SoakConfig(
         minutes=args.minutes,
         sample_s=args.sample_s,

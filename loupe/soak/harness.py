@@ -48,7 +48,10 @@ TICK_S = 0.5
 _NOTABLE = re.compile(
     r"WARNING|ERROR|error|restart|resumed from|lost its batch|redis-server|interrupted|Traceback"
 )
-_RESUMED = re.compile(r"resumed from \S+ at step (\d+)")
+#: the learner's line once it has restored its newest checkpoint (or found none: step 0)
+_RESUMED = re.compile(
+    r"resumed from \S+ at step (\d+)|no checkpoint in \S+ yet; starting from step (\d+)"
+)
 #: the probe worker's consumer name, the same after each restart
 PROBE_CONSUMER = "soak-probe"
 
@@ -371,7 +374,7 @@ class Soak:
         t = round(self.now(), 2)
         resumed = _RESUMED.search(line)
         if resumed:
-            self.resumes.append((t, int(resumed.group(1))))
+            self.resumes.append((t, int(resumed.group(1) or resumed.group(2))))
         if source == "probe" and line.startswith("waiting for checkpoints"):
             return
         if _NOTABLE.search(line) and len(self.events) < 2000:
