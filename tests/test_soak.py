@@ -17,14 +17,17 @@ from loupe.soak import (
     StallDetector,
     account,
     chaos_schedule,
+    level_steps,
     longest_gap,
     pooled_slope,
     resume_checks,
     segments_after,
+    split_at,
     step_order,
+    theil_sen,
 )
 from loupe.soak import procs as P
-from loupe.soak.report import slopes
+from loupe.soak.report import slope_of, slopes
 
 
 def lstsq_reference(segments):
@@ -332,3 +335,64 @@ def test_a_work_dir_that_is_not_empty_is_refused(capsys, tmp_path):
     code = main(["soak", "--work-dir", str(tmp_path), "--out", str(tmp_path / "s.json")])
     err = capsys.readouterr().err
     assert code == 2 and "is not empty" in err and err.count("\n") == 1
+
+
+@pytest.mark.unit
+def test_split_at_kills_and_level_steps():
+    points = [("p", float(t), 20.0 if t < 100 else 33.0) for t in range(0, 200, 10)]
+    split = split_at(points, cuts=[95.0], settle_s=10)
+    assert {k for k, _, _ in split} == {"p#0", "p#1"}
+    assert all(t >= 105 for k, t, _ in split if k == "p#1")  # 100 is within the settle time
+    assert level_steps(points, [95.0], window_s=30, settle_s=10) == [pytest.approx(13.0)]
+    assert level_steps(points, [500.0], window_s=30, settle_s=10) == [None]  # nobody spans it
+
+
+@pytest.mark.unit
+def test_a_one_time_step_at_a_kill_is_a_level_not_a_trend():
+    """The supervisor imports redis once, in the clean-up after the learner's death: 21 MB, then
+    34 MB for good. Over its lifetime that fits as 12 MB per 10 minutes; between kills and by
+    Theil-Sen it is flat, and the step is reported at the kill."""
+    points = [("sup", float(t), 21.2 if t < 780 else 34.1) for t in range(240, 1200, 5)]
+    fit = slope_of(points, warmup_s=240, segment_warmup_s=0, kills=[780.0])
+    assert fit["slope_per_10min"] > 5  # least squares over the lifetime sees the step
+    assert fit["between_kills"]["slope_per_10min"] == pytest.approx(0.0, abs=1e-9)
+    assert fit["robust_slope_per_10min"] == pytest.approx(0.0, abs=1e-9)
+    assert fit["steps_at_kills"] == [pytest.approx(12.9)]
+    leak = [("l", float(t), 600 + t / 60) for t in range(240, 1200, 5)]  # 10 MB per 10 min
+    fit = slope_of(leak, warmup_s=240, segment_warmup_s=0, kills=[500.0, 780.0])
+    assert fit["slope_per_10min"] == pytest.approx(10.0)
+    assert fit["robust_slope_per_10min"] == pytest.approx(10.0)
+    assert fit["between_kills"]["slope_per_10min"] == pytest.approx(10.0)
+    assert fit["between_kills"]["segments"] == 3
+
+
+@pytest.mark.unit
+def test_theil_sen_matches_scipy_on_one_segment_and_pools_segments():
+    from scipy.stats import theilslopes
+
+    rng = np.random.default_rng(1)
+    t = np.sort(rng.uniform(0, 600, 80))
+    y = 3.0 + 0.01 * t + rng.standard_t(2, 80)  # heavy tails
+    assert theil_sen([(t, y)]) == pytest.approx(theilslopes(y, t)[0], rel=1e-12)
+    # two flat lifetimes at different levels: pairs are formed within a segment only
+    assert theil_sen([([0, 1, 2], [5, 5, 5]), ([3, 4, 5], [1, 1, 1])]) == 0.0
+    assert theil_sen([([0], [1])]) is None
+
+
+@pytest.mark.unit
+def test_a_local_ray_rotates_its_logs(monkeypatch):
+    """Found by the soak: Ray's session directory grew about 0.8 MB per 10 minutes, each log file
+    rotated only at 512 MB with 5 old ones kept; loupe's Ray now rotates at 64 MB, one kept."""
+    import ray
+
+    from loupe.distributed import init_ray
+
+    seen = {}
+    monkeypatch.delenv("RAY_ROTATION_MAX_BYTES", raising=False)
+    monkeypatch.setenv("RAY_ROTATION_BACKUP_COUNT", "3")  # the user's own setting stays
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(
+        max_bytes=os.environ.get("RAY_ROTATION_MAX_BYTES"),
+        backups=os.environ.get("RAY_ROTATION_BACKUP_COUNT")))  # fmt: skip
+    init_ray(None)
+    assert seen == {"max_bytes": str(64 << 20), "backups": "3"}

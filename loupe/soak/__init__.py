@@ -12,6 +12,7 @@ announced / probed, the step-counter check and the 1e9-step projection fallback.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from collections import Counter
@@ -87,24 +88,90 @@ def pooled_slope(segments: Iterable[tuple[Sequence[float], Sequence[float]]]) ->
     return SlopeFit(slope, stderr, n, len(kept), span)
 
 
-def segments_after(
-    points: Iterable[tuple[str, float, float]], warmup_until: float, segment_warmup_s: float
-) -> list[tuple[list[float], list[float]]]:
-    """``(segment key, t, y)`` points -> per-segment series without their warm-ups.
+Point = tuple[str, float, float]
 
-    A point counts when ``t >= warmup_until`` (the soak's warm-up) and it lies at least
-    ``segment_warmup_s`` after the segment's first point (a restarted process warms up again).
-    """
+
+def after_warmup(
+    points: Iterable[Point], warmup_until: float, segment_warmup_s: float
+) -> list[Point]:
+    """The ``(segment key, t, y)`` points at or after ``warmup_until`` (the soak's warm-up) that
+    lie at least ``segment_warmup_s`` after their segment's first point (a restarted process
+    warms up again)."""
     first: dict[str, float] = {}
-    series: dict[str, tuple[list[float], list[float]]] = {}
+    out = []
     for key, t, y in sorted(points, key=lambda p: p[1]):
         first.setdefault(key, t)
-        if t < warmup_until or t - first[key] < segment_warmup_s:
+        if t >= warmup_until and t - first[key] >= segment_warmup_s:
+            out.append((key, t, y))
+    return out
+
+
+def split_at(points: Iterable[Point], cuts: Sequence[float], settle_s: float) -> list[Point]:
+    """A new segment after every cut (a kill): a process that lives through a kill may answer
+    it with a one-time step (a module imported, a buffer grown), which is a level, not a trend.
+    The points within ``settle_s`` after a cut are dropped."""
+    cuts = sorted(cuts)
+    out = []
+    for key, t, y in points:
+        epoch = bisect.bisect_right(cuts, t)
+        if epoch and t - cuts[epoch - 1] < settle_s:
             continue
+        out.append((f"{key}#{epoch}", t, y))
+    return out
+
+
+def grouped(points: Iterable[Point]) -> list[tuple[list[float], list[float]]]:
+    """Points -> one (times, values) series per segment key, in time order."""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for key, t, y in sorted(points, key=lambda p: p[1]):
         ts, ys = series.setdefault(key, ([], []))
         ts.append(t)
         ys.append(y)
     return list(series.values())
+
+
+def theil_sen(segments: Iterable[tuple[Sequence[float], Sequence[float]]]) -> float | None:
+    """The median of the slopes between every two points of one segment, over all segments (a
+    robust slope: a one-time step or a sawtooth of allocations and releases barely moves it,
+    a steady leak does). None without a pair of points at different times."""
+    slopes: list[float] = []
+    for ts, ys in segments:
+        pts = list(zip(ts, ys))
+        for i, (t1, y1) in enumerate(pts):
+            slopes.extend((y2 - y1) / (t2 - t1) for t2, y2 in pts[i + 1 :] if t2 != t1)
+    if not slopes:
+        return None
+    slopes.sort()
+    mid = len(slopes) // 2
+    return slopes[mid] if len(slopes) % 2 else (slopes[mid - 1] + slopes[mid]) / 2
+
+
+def segments_after(
+    points: Iterable[Point], warmup_until: float, segment_warmup_s: float
+) -> list[tuple[list[float], list[float]]]:
+    """Per-segment series without their warm-ups (see ``after_warmup``)."""
+    return grouped(after_warmup(points, warmup_until, segment_warmup_s))
+
+
+def level_steps(
+    points: Iterable[Point], cuts: Sequence[float], window_s: float, settle_s: float
+) -> list[float | None]:
+    """For each cut: the mean over segments alive on both sides of (mean of the values within
+    ``window_s`` after ``cut + settle_s``) - (mean within ``window_s`` before the cut); None
+    where no segment spans the cut. A leak per restart shows as steps of one sign."""
+    by_key: dict[str, list[tuple[float, float]]] = {}
+    for key, t, y in points:
+        by_key.setdefault(key, []).append((t, y))
+    out: list[float | None] = []
+    for c in cuts:
+        steps = []
+        for values in by_key.values():
+            before = [y for t, y in values if c - window_s <= t < c]
+            after = [y for t, y in values if c + settle_s < t <= c + settle_s + window_s]
+            if before and after:
+                steps.append(sum(after) / len(after) - sum(before) / len(before))
+        out.append(sum(steps) / len(steps) if steps else None)
+    return out
 
 
 # -- the chaos schedule ------------------------------------------------------------------------

@@ -14,11 +14,15 @@ from loupe.soak import (
     Item,
     Kill,
     account,
+    after_warmup,
+    grouped,
+    level_steps,
     longest_gap,
     pooled_slope,
     resume_checks,
-    segments_after,
+    split_at,
     step_order,
+    theil_sen,
 )
 from loupe.soak.procs import LOUPE_ROLES, RAY_ROLES
 
@@ -34,8 +38,10 @@ NOTE = (
     "Measured on a shared 2-core machine without a GPU: other people's tests and builds and a "
     "long background training (nice 19) ran at the same time, so throughput, stall lengths and "
     "recovery times are those of a loaded machine. Slopes are least-squares fits after the "
-    "warm-up with one intercept per process lifetime (a restarted process starts at its own "
-    "level), in MB (or descriptors) per 10 minutes, with their standard errors."
+    "warm-up with one intercept per process lifetime and per span between kills (a restarted "
+    "process starts at its own level; one that lives through a kill may step once), in MB (or "
+    "descriptors) per 10 minutes, with their standard errors; the level steps at the kills and "
+    "the slope over whole lifetimes (steps included) are given beside them."
 )
 
 
@@ -65,11 +71,37 @@ def role_sums(
     return out
 
 
+#: after a kill, the points of the next this many seconds are left out of the slopes
+KILL_SETTLE_S = 30.0
+#: the window on each side of a kill whose means give the level step at it
+STEP_WINDOW_S = 60.0
+
+
 def slope_of(
-    points: list[tuple[str, float, float]], warmup_s: float, segment_warmup_s: float
+    points: list[tuple[str, float, float]],
+    warmup_s: float,
+    segment_warmup_s: float,
+    kills: Sequence[float] = (),
 ) -> dict[str, Any]:
-    """A pooled slope per 10 minutes of keyed points (see ``loupe.soak.pooled_slope``)."""
-    return pooled_slope(segments_after(points, warmup_s, segment_warmup_s)).per_10_min()
+    """The least-squares slope per 10 minutes of keyed points, one intercept per process
+    lifetime (see ``loupe.soak.pooled_slope``), with beside it: the robust (Theil-Sen) slope,
+    and with kills the least-squares slope with a new segment at every kill and the level step
+    at each kill (a one-time step at a kill is not a trend; steps of one sign at every kill
+    would be a leak per restart)."""
+    kept = after_warmup(points, warmup_s, segment_warmup_s)
+    lifetimes = grouped(kept)
+    fit = pooled_slope(lifetimes).per_10_min()
+    robust = theil_sen(lifetimes)
+    fit["robust_slope_per_10min"] = None if robust is None else robust * 600
+    if kills:
+        between = pooled_slope(grouped(split_at(kept, kills, KILL_SETTLE_S))).per_10_min()
+        fit["between_kills"] = {k: between[k] for k in ("slope_per_10min", "stderr_per_10min",
+                                                        "segments")}  # fmt: skip
+        fit["steps_at_kills"] = [
+            None if v is None else round(v, 3)
+            for v in level_steps(kept, kills, STEP_WINDOW_S, KILL_SETTLE_S)
+        ]
+    return fit
 
 
 def keyed(samples: Sequence[dict[str, Any]], path: Sequence[str], key: Sequence[str] | None):
@@ -91,18 +123,20 @@ def keyed(samples: Sequence[dict[str, Any]], path: Sequence[str], key: Sequence[
     return out
 
 
-def slopes(samples, warmup_s: float, segment_warmup_s: float) -> dict[str, Any]:
-    """Every series' slope after the warm-up."""
+def slopes(
+    samples, warmup_s: float, segment_warmup_s: float, kills: Sequence[float] = ()
+) -> dict[str, Any]:
+    """Every series' slope after the warm-up (``kills``: the kill times, see ``slope_of``)."""
     rss = {}
     fds = {}
     for role in (*LOUPE_ROLES, *RAY_ROLES):
-        fit = slope_of(process_points(samples, role, "rss_mb"), warmup_s, segment_warmup_s)
+        fit = slope_of(process_points(samples, role, "rss_mb"), warmup_s, segment_warmup_s, kills)
         if fit["points"]:
             if role in LOUPE_ROLES and fit["slope_per_10min"] is not None:
                 fit["target"] = RSS_TARGET_MB_PER_10MIN
                 fit["ok"] = fit["slope_per_10min"] < RSS_TARGET_MB_PER_10MIN
             rss[role] = fit
-        fit = slope_of(process_points(samples, role, "fds"), warmup_s, segment_warmup_s)
+        fit = slope_of(process_points(samples, role, "fds"), warmup_s, segment_warmup_s, kills)
         if fit["points"]:
             fds[role] = fit
     run_dir = {
@@ -119,6 +153,7 @@ def slopes(samples, warmup_s: float, segment_warmup_s: float) -> dict[str, Any]:
             keyed(samples, ("object_store", "used_mb"), ("object_store", "session")),
             warmup_s,
             segment_warmup_s,
+            kills,
         ),
         "run_dir_mb_per_10min": run_dir,
         "ray_session_dirs_mb_per_10min": slope_of(
@@ -436,8 +471,13 @@ def violations(report: dict[str, Any]) -> list[str]:
     out = []
     for role, fit in report["slopes"]["rss_mb_per_10min"].items():
         if fit.get("ok") is False:
-            out.append(f"RSS of {role} grows {fit['slope_per_10min']:.2f} MB per 10 min "
-                       f"(+- {fit['stderr_per_10min'] or 0:.2f}; target < {RSS_TARGET_MB_PER_10MIN})")  # fmt: skip
+            robust = fit.get("robust_slope_per_10min")
+            between = (fit.get("between_kills") or {}).get("slope_per_10min")
+            out.append(
+                f"RSS of {role} grows {fit['slope_per_10min']:.2f} MB per 10 min (+- "
+                f"{fit['stderr_per_10min'] or 0:.2f}; Theil-Sen {_fmt(robust)}, between kills "
+                f"{_fmt(between)}; target < {RSS_TARGET_MB_PER_10MIN:g})"
+            )
     c = report["counts"]
     if not c["equal"]:
         out.append(f"checkpoints written/announced/probed = {c['written']}/{c['announced']}/"
@@ -462,13 +502,17 @@ def violations(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def build_report(soak: Soak, kills: list[Kill], subreaper: bool) -> dict[str, Any]:
     """The whole report of a finished soak."""
     from loupe.bench import machine_info
 
     cfg = soak.config
     last = last_values(soak.samples)
-    slope = slopes(soak.samples, cfg.warmup_s, cfg.segment_warmup_s)
+    slope = slopes(soak.samples, cfg.warmup_s, cfg.segment_warmup_s, [w.t for w in soak.kills])
     sizes = measured_sizes(soak)
     report = {
         "note": NOTE,
