@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loupe-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup chromium check lint format test test-all bench bench-gpu bench-peer bench-peer-ig bench-placement demo protos clean
+.PHONY: setup chromium check lint format test test-all bench bench-gpu bench-peer bench-peer-ig bench-placement soak demo protos clean
 
 setup: $(STAMP) chromium
 
@@ -85,6 +85,16 @@ bench-placement: setup
 	$(VENV)/bin/loupe compare-placements --seeds 1 2 3 4 5 --proximal behaviour --out bench/placement
 	$(VENV)/bin/loupe compare-placements --seeds 1 2 3 4 5 --proximal learner --placements actor \
 		--out bench/placement-decoupled
+
+# billion-step readiness: distributed CoinRun training with 2 rollout actors, a probe worker and the
+# run's Redis for SOAK_MINUTES while a rollout actor, the probe worker, redis-server and the learner
+# are SIGKILLed in turn; every process sampled. bench/soak.json + bench/soak.png (a benchmark, not a
+# test: about SOAK_MINUTES + 3 minutes)
+SOAK_MINUTES ?= 20
+SOAK_ARGS ?=
+soak: setup
+	$(VENV)/bin/loupe soak --minutes $(SOAK_MINUTES) --out bench/soak.json --plot bench/soak.png \
+		$(SOAK_ARGS)
 
 demo: setup
 	$(VENV)/bin/loupe demo

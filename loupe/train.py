@@ -26,6 +26,8 @@ log = logging.getLogger("loupe.train")
 
 #: per-update figures kept in ``Trainer.history`` (everything else goes to TensorBoard only)
 HISTORY_KEYS = ("mean_return_100", "policy_lag", "steps_per_s", "sample_s", "update_s")
+#: restarts of the run's private redis-server in a row without an announcement getting through
+REVIVE_IN_A_ROW = 3
 
 
 @dataclasses.dataclass
@@ -165,7 +167,10 @@ class Trainer:
         self.redis_server = None
         #: checkpoints saved but not yet announced (Redis was unreachable), oldest first
         self.unannounced: list[Path] = []
+        #: times the run's private redis-server was started again; in a row without an
+        #: announcement getting through in between (bounded: a server that dies at once)
         self._revived = 0
+        self._revived_in_a_row = 0
         if resume:
             self._restore()
 
@@ -233,13 +238,15 @@ class Trainer:
                 )
                 return
             self.unannounced.pop(0)
+            self._revived_in_a_row = 0
 
     def _revive_private_server(self) -> bool:
         """Start the run's own redis-server again if it died; True when it is back."""
         server = self.redis_server
-        if server is None or server.alive() or self._revived >= 3:
+        if server is None or server.alive() or self._revived_in_a_row >= REVIVE_IN_A_ROW:
             return False
         self._revived += 1
+        self._revived_in_a_row += 1
         try:
             server.restart()  # same port and password; the AOF replays every announcement
         except LoupeError as exc:
@@ -247,6 +254,14 @@ class Trainer:
             return False
         log.warning("the run's redis-server died; started it again over its append-only file")
         return True
+
+    def _watch_bus(self) -> None:
+        """After every update: a dead private redis-server is started again at once (not only at
+        the next checkpoint), so that probe workers following the run have it back within one
+        update; announcements an outage held back go out then."""
+        server = self.redis_server
+        if server is not None and not server.alive() and self._revive_private_server():
+            self._flush_announcements()
 
     def _publish(self, path: Path) -> None:
         from loupe.bus import CheckpointAnnouncement
@@ -372,6 +387,7 @@ class Trainer:
                     torn = False
                     self.sampler.publish(self.weights(), self.version)
                 t2 = time.perf_counter()
+                self._watch_bus()
                 for ep in rollout.episodes:
                     self.returns.append(float(ep.ret))
                     episodes.append((float(ep.ret), int(ep.length)))

@@ -102,3 +102,24 @@ def test_redis_still_down_at_the_end_then_resume_announces(tmp_path, caplog):
         assert announced_steps(server.url, cfg.run_id) == ALL_STEPS
     finally:
         server.stop()
+
+
+@pytest.mark.integration
+def test_private_redis_is_back_within_one_update_however_often_it_dies(tmp_path):
+    """Found by the soak: the private server came back only at the next checkpoint (probe
+    workers following the run lost it until then), and after 3 deaths in a run never again."""
+    cfg = config(tmp_path / "run", None)
+    cfg.checkpoint_every = 2  # checkpoints after updates 2, 4 and 6
+    alive_before: dict[int, bool] = {}
+
+    def outage(update, trainer):
+        alive_before[update] = trainer.redis_server.alive()
+        if update in (1, 3, 4, 5):  # four deaths, two of them with no checkpoint in between
+            trainer.redis_server.kill()
+
+    trainer = trainer_with_hook(cfg, outage)
+    trainer.train()
+    assert alive_before == {u: True for u in range(1, UPDATES + 1)}  # back after every update
+    assert trainer._revived == 4 and trainer.unannounced == []
+    with RedisServer(RunDir(cfg.run_dir).redis) as server:
+        assert announced_steps(server.url, cfg.run_id) == ALL_STEPS[1::2]  # each once

@@ -207,3 +207,59 @@ def test_old_probe_directories_are_pruned_to_their_summary(run_with_bus):
     images = [e.step for e in events.Images("probe/attribution/positive-0")]
     assert sorted(images) == [steps[0], steps[2]]
     assert sorted(e.step for e in events.Scalars("probe/top10_attribution_share")) == steps
+
+
+@pytest.mark.integration
+def test_worker_waits_out_a_redis_restart_and_goes_on(run_with_bus, caplog):
+    """Found by the soak: a worker whose Redis was restarted (killed and started again by the
+    learner) ended with an internal error; it now waits, bounded, and takes up the stream again."""
+    import logging
+    import threading
+
+    from loupe.bus.probe_worker import ProbeWorker, WorkerConfig
+    from probes.suite import ProbeConfig
+
+    run, server, bus = run_with_bus
+    first, second = checkpoints(run)[-2:]
+    announce(bus, first)
+    outage_s = 8.0  # longer than the redis client's own retries (about 2-4 s)
+
+    def restart_later() -> None:
+        time.sleep(outage_s)
+        server.start()  # same port and password; the AOF replays the stream and the group
+        announce(bus, second)
+
+    def on_idle(handled: int) -> None:
+        if handled == 1 and server.alive():
+            server.kill()
+            threading.Thread(target=restart_later, daemon=True).start()
+
+    config = WorkerConfig(consumer="w", block_ms=300, max_checkpoints=2, redis_wait_s=60)
+    probe = ProbeConfig(num_envs=2, num_steps=16, ig_samples=8, smoothgrad_copies=2,
+                        nmf_components=4)  # fmt: skip
+    worker = ProbeWorker(bus, run, config, probe)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="loupe.probe"):
+        assert worker.run(on_idle=on_idle) == 2
+    assert time.monotonic() - started > outage_s
+    steps = sorted(json.loads(f["step"]) for _, f in bus.read_results())
+    assert steps == sorted(json.loads(p.read_text())["step"] for p in (first, second))
+    assert bus.pending("probes") == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert any("Redis stopped answering" in m for m in said)
+    assert any("Redis answers again" in m for m in said)
+
+
+@pytest.mark.integration
+def test_worker_gives_up_on_a_redis_that_stays_away(run_with_bus):
+    from loupe.bus.probe_worker import ProbeWorker, WorkerConfig
+    from loupe.errors import LoupeError
+
+    run, server, bus = run_with_bus
+    server.kill()
+    worker = ProbeWorker(bus, run, WorkerConfig(consumer="w", block_ms=300, redis_wait_s=2))
+    worker.bus.ensure_group = lambda group: None  # the group exists; Redis went away after
+    started = time.monotonic()
+    with pytest.raises(LoupeError, match=r"did not answer for \d+ s .*run the same command"):
+        worker.run()
+    assert 2 <= time.monotonic() - started < 30

@@ -56,6 +56,9 @@ class WorkerConfig:
     exit_when_idle: float | None = None
     #: stop after handling this many checkpoints (None: no limit)
     max_checkpoints: int | None = None
+    #: how long to wait for a Redis that stopped answering (restarted, or killed and started
+    #: again by the learner) before giving up with one line
+    redis_wait_s: float = 300.0
     #: probe directories kept whole: the newest ``keep_last`` and those of every ``keep_every``-th
     #: checkpoint (by write order; 0: none of the older ones); the others keep summary.json only
     #: (``keep_last`` 0: keep every directory whole)
@@ -200,43 +203,86 @@ class ProbeWorker:
     ) -> int:
         """Follow the stream until idle, the checkpoint limit or ``stop()``; returns checkpoints
         handled. ``on_idle(handled)`` is called each time the worker runs out of work."""
+        import redis
+
         cfg = self.config
         self.bus.ensure_group(cfg.group)
         idle_since = time.monotonic()
         busy = True
+        outage: _Outage | None = None
         pruned_at = -float("inf")
         try:
             while cfg.max_checkpoints is None or self.handled < cfg.max_checkpoints:
                 if stop is not None and stop():
                     break
-                gone_ms = max(cfg.claim_idle_ms, GONE_MS)
-                if time.monotonic() - pruned_at > gone_ms / 1000:
-                    # workers that are gone (each restart is a new consumer) leave the group
-                    self.bus.prune_consumers(cfg.group, gone_ms)
-                    pruned_at = time.monotonic()
-                deliveries = self.bus.claim_stale(cfg.group, cfg.consumer, cfg.claim_idle_ms)
-                if not deliveries:
-                    deliveries = self.bus.follow(cfg.group, cfg.consumer, block_ms=cfg.block_ms)
-                if not deliveries:
-                    if busy and on_idle is not None:
-                        on_idle(self.handled)
-                    busy = False
-                    if cfg.exit_when_idle is not None and (
-                        time.monotonic() - idle_since > cfg.exit_when_idle
-                    ):
-                        break
-                    continue
-                busy = True
-                for delivery in deliveries:
-                    outcome = self.handle(delivery)
-                    log.info("%s entry %s: %s", cfg.consumer, delivery.entry_id, outcome)
-                    if outcome == "done":
-                        self.handled += 1
-                idle_since = time.monotonic()
+                try:
+                    gone_ms = max(cfg.claim_idle_ms, GONE_MS)
+                    if time.monotonic() - pruned_at > gone_ms / 1000:
+                        # workers that are gone (each restart is a new consumer) leave the group
+                        self.bus.prune_consumers(cfg.group, gone_ms)
+                        pruned_at = time.monotonic()
+                    deliveries = self.bus.claim_stale(cfg.group, cfg.consumer, cfg.claim_idle_ms)
+                    if not deliveries:
+                        deliveries = self.bus.follow(cfg.group, cfg.consumer, block_ms=cfg.block_ms)
+                    if outage is not None:
+                        outage = outage.over()
+                    if not deliveries:
+                        if busy and on_idle is not None:
+                            on_idle(self.handled)
+                        busy = False
+                        if cfg.exit_when_idle is not None and (
+                            time.monotonic() - idle_since > cfg.exit_when_idle
+                        ):
+                            break
+                        continue
+                    busy = True
+                    for delivery in deliveries:
+                        outcome = self.handle(delivery)
+                        log.info("%s entry %s: %s", cfg.consumer, delivery.entry_id, outcome)
+                        if outcome == "done":
+                            self.handled += 1
+                    idle_since = time.monotonic()
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                    # the entry being handled stays pending for this consumer: once Redis is
+                    # back, follow() hands it out again and record_once keeps it exactly once
+                    outage = outage or _Outage(self.bus, cfg.redis_wait_s)
+                    outage.wait(exc)
         finally:
             if self.writer is not None:
                 self.writer.close()
         return self.handled
+
+
+class _Outage:
+    """A Redis that stopped answering: one warning, waits with a growing pause, a bounded time."""
+
+    def __init__(self, bus, limit_s: float):
+        self.bus = bus
+        self.limit_s = limit_s
+        self.since = time.monotonic()
+        self.tries = 0
+
+    def wait(self, exc: Exception) -> None:
+        """Sleep before the next try; LoupeError once the outage has lasted ``limit_s``."""
+        waited = time.monotonic() - self.since
+        if self.tries == 0:
+            log.warning("Redis stopped answering (%s); waiting up to %g s for it to come back",
+                        type(exc).__name__, self.limit_s)  # fmt: skip
+        if waited > self.limit_s:
+            kwargs = self.bus.client.connection_pool.connection_kwargs
+            where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+            raise LoupeError(
+                f"Redis at {where} did not answer for {waited:.0f} s ({type(exc).__name__}); "
+                "start the run's redis-server (or the learner) again, then run the same "
+                "command: unfinished checkpoints are taken up again"
+            ) from None
+        self.tries += 1
+        time.sleep(min(0.25 * 2**self.tries, 5.0))
+
+    def over(self) -> None:
+        """Redis answers again: say so (the outage ends)."""
+        log.warning("Redis answers again after %.1f s", time.monotonic() - self.since)
+        return None
 
 
 def scalars(summary: dict[str, Any]) -> dict[str, float]:

@@ -426,6 +426,7 @@ def _load_extra_commands() -> None:
         "loupe.cli.study",
         "loupe.cli.serve",
         "loupe.cli.view",
+        "loupe.cli.soak",
     ):
         try:
             mod = importlib.import_module(module)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -112,9 +113,17 @@ path_arg.is_path = True  # type: ignore[attr-defined]
 DISTRIBUTION_MODES = ("easy", "hard", "extreme", "memory", "exploration")
 
 
+#: device names taken without asking torch (importing it costs a process some 250 MB)
+_PLAIN_DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
+
+
 def device_arg(text: str) -> str:
-    """An argparse type: ``auto`` or a torch device name (cpu, cuda, cuda:N, ...)."""
-    if text == "auto":
+    """An argparse type: ``auto`` or a torch device name (cpu, cuda, cuda:N, ...).
+
+    The common names are checked here, so that a small process that only passes the option on
+    (`loupe train --supervise`) never imports torch; other names are torch's to judge.
+    """
+    if _PLAIN_DEVICE.fullmatch(text):
         return text
     import torch
 

@@ -29,6 +29,9 @@ os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 ACTOR_MAX_RESTARTS = 3
 #: how long a lost batch waits for its restarting actor
 ACTOR_RESTART_WAIT_S = 120
+#: rotation of the logs of a local Ray (each file at most 64 MB plus one old one), unless the
+#: environment sets these already
+RAY_LOG_ROTATION = {"RAY_ROTATION_MAX_BYTES": 64 << 20, "RAY_ROTATION_BACKUP_COUNT": 1}
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -38,6 +41,10 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray's own logs (raylet, GCS, workers) in /tmp/ray grow all run long; Ray rotates each file
+    # at 512 MB and keeps 5 old ones (3 GB per file) unless told otherwise
+    for name, value in RAY_LOG_ROTATION.items():
+        os.environ.setdefault(name, str(value))
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": True,
