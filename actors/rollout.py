@@ -74,6 +74,8 @@ class RolloutActor:
         self.steps_done = 0
         self.env_seconds = 0.0
         self.inference_seconds = 0.0
+        #: shared-memory observation buffers mapped so far, by file path
+        self._shared_maps: dict[str, np.ndarray] = {}
 
     @property
     def obs_shape(self) -> tuple[int, ...]:
@@ -102,19 +104,23 @@ class RolloutActor:
     def value(self, obs: np.ndarray) -> np.ndarray:
         return policy_values(self.policy, obs)
 
-    def rollout(self, num_steps: int, record_states: Iterable[int] = (), on_step=None):
+    def rollout(
+        self, num_steps: int, record_states: Iterable[int] = (), on_step=None, obs_out=None
+    ):
         """Step every env ``num_steps`` times -> a ``Rollout`` with (T, N) arrays.
 
         ``record_states``: steps t at which the games' states (procgen ``get_state``, one bytes
         object per env, matching ``obs[t]``) are kept in ``self.states[t]``. ``on_step(n)``, if
         given, is called after each step with the n environment steps it took (progress bars).
+        ``obs_out``: a (T, N, C, H, W) uint8 array the frames are written into (and that the
+        rollout's ``obs`` is); None allocates one.
         """
         from learner.rollout import RolloutBuilder
 
         if self.version < 0:
             raise RuntimeError("set_weights must be called before rollout")
         n = self.env.num_envs
-        batch = RolloutBuilder(num_steps, n, self.obs_shape)
+        batch = RolloutBuilder(num_steps, n, self.obs_shape, obs=obs_out)
         level_seeds = getattr(self.env, "level_seeds", None)
         keep = set(record_states)
         #: step -> the games' states before that step (only the steps asked for)
@@ -137,6 +143,30 @@ class RolloutActor:
         self.inference_seconds += time.perf_counter() - t0
         self.steps_done += num_steps * n
         return batch.build(self.obs, last_value, self.version)
+
+    def rollout_shared(self, num_steps: int, path: str, shape: tuple[int, ...], offset: int):
+        """``rollout`` with the frames written into envs [offset, offset + N) of the (T, N_all,
+        C, H, W) uint8 buffer in the shared-memory file ``path`` (a ``SharedObs`` of the learner
+        on this machine) -> the Rollout with ``obs`` None: the learner reads them in place.
+
+        Where ``path`` is not on this machine (another node, or already unlinked after every
+        actor mapped it), the plain rollout with its own ``obs`` is returned instead.
+        """
+        view = self._shared_view(path, tuple(shape))
+        if view is None:
+            return self.rollout(num_steps)
+        out = view[:, offset : offset + self.env.num_envs]
+        return dataclasses.replace(self.rollout(num_steps, obs_out=out), obs=None)
+
+    def _shared_view(self, path: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        if path not in self._shared_maps:
+            from learner.rollout import map_shared
+
+            try:
+                self._shared_maps[path] = map_shared(path, shape)
+            except FileNotFoundError:
+                return None
+        return self._shared_maps[path]
 
     def timings(self) -> dict[str, float]:
         return {

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import mmap
+import os
+import sys
+import uuid
+import weakref
 
 import numpy as np
 
@@ -48,9 +54,21 @@ class Rollout:
 class RolloutBuilder:
     """Fills the (T, N) arrays of a Rollout one step at a time (used by every sampler)."""
 
-    def __init__(self, num_steps: int, num_envs: int, obs_shape: tuple[int, ...]):
+    def __init__(
+        self,
+        num_steps: int,
+        num_envs: int,
+        obs_shape: tuple[int, ...],
+        obs: np.ndarray | None = None,
+    ):
+        """``obs``: a (T, N, *obs_shape) uint8 array to write the frames into (e.g. a slice of a
+        shared-memory buffer the learner reads in place); None allocates one."""
         t, n = num_steps, num_envs
-        self.obs = np.empty((t, n, *obs_shape), dtype=np.uint8)
+        if obs is None:
+            obs = np.empty((t, n, *obs_shape), dtype=np.uint8)
+        elif obs.shape != (t, n, *obs_shape) or obs.dtype != np.uint8:
+            raise ValueError(f"obs buffer {obs.shape} {obs.dtype}, want {(t, n, *obs_shape)} uint8")
+        self.obs = obs
         self.actions = np.empty((t, n), dtype=np.int64)
         self.logprobs = np.empty((t, n), dtype=np.float32)
         self.values = np.empty((t, n), dtype=np.float32)
@@ -85,3 +103,88 @@ class RolloutBuilder:
             policy_version=policy_version,
             episodes=self.episodes,
         )
+
+
+def map_shared(path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The writable ``shape`` uint8 array over the shared-memory file ``path`` (FileNotFoundError
+    where there is none, ValueError where its size differs)."""
+    size = int(np.prod(shape))
+    with open(path, "r+b") as f:
+        if os.fstat(f.fileno()).st_size != size:
+            raise ValueError(f"{path} holds {os.fstat(f.fileno()).st_size} bytes, not {size}")
+        buf = mmap.mmap(f.fileno(), size)
+    # the array itself, not a reshape of one, so that every view's .base is this array
+    return np.ndarray(shape, dtype=np.uint8, buffer=buf)
+
+
+class SharedObs:
+    """(T, N, C, H, W) uint8 observation buffers in shared memory (files in /dev/shm) that
+    rollout actors on this machine write their frames into and the learner reads in place: no
+    copy into the object store, none out of it, no concatenation of the actors' parts.
+
+    ``acquire()`` reserves a buffer for one batch until ``release``; after that, a buffer is free
+    again once nothing outside the pool references it (a Rollout still held keeps its buffer).
+    A new one is added while all are in use, up to ``max_buffers`` (then None: that batch goes
+    the ordinary way). A buffer's file is removed once every actor has
+    mapped it (``mapped``), and all are at ``close`` or exit; mappings outlive the files.
+    """
+
+    def __init__(self, shape: tuple[int, ...], directory: str = "/dev/shm", max_buffers: int = 4):
+        self.shape = tuple(int(d) for d in shape)
+        self.directory = directory
+        self.max_buffers = max_buffers
+        self.prefix = os.path.join(directory, f"loupe-obs-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        self.paths: list[str] = []
+        self.arrays: list[np.ndarray] = []
+        #: buffers handed out by ``acquire`` and not yet ``release``d (being filled)
+        self.reserved: set[int] = set()
+        self._finalizer = weakref.finalize(self, _unlink_all, self.paths)
+
+    @staticmethod
+    def available(directory: str = "/dev/shm") -> bool:
+        """Whether ``directory`` is a writable memory-backed directory here."""
+        return os.path.isdir(directory) and os.access(directory, os.W_OK)
+
+    def acquire(self) -> int | None:
+        """Index of a buffer free for the next batch, or None when ``max_buffers`` are held."""
+        for i in range(len(self.arrays)):
+            # references: the pool's list and getrefcount's argument; any more is a user
+            if i not in self.reserved and sys.getrefcount(self.arrays[i]) <= 2:
+                self.reserved.add(i)
+                return i
+        if len(self.arrays) >= self.max_buffers:
+            return None
+        path = f"{self.prefix}-{len(self.paths)}"
+        with open(path, "w+b") as f:
+            f.truncate(int(np.prod(self.shape)))
+        self.paths.append(path)
+        self.arrays.append(map_shared(path, self.shape))
+        self.reserved.add(len(self.arrays) - 1)
+        return len(self.arrays) - 1
+
+    def release(self, i: int) -> None:
+        """Buffer ``i`` is filled and handed to its user: from now on, references keep it."""
+        self.reserved.discard(i)
+
+    def mapped(self, i: int) -> None:
+        """Every actor has buffer ``i`` mapped: its file can go (actors started later, e.g.
+        restarted ones, find no file and send their frames the ordinary way)."""
+        _unlink(self.paths[i])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    def close(self) -> None:
+        _unlink_all(self.paths)
+        self.arrays = []
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _unlink_all(paths: list[str]) -> None:
+    for path in paths:
+        _unlink(path)

@@ -290,6 +290,80 @@ def bench_pipeline(opts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@benchmark("rollout_transfer")
+def bench_rollout_transfer(opts: dict[str, Any]) -> dict[str, Any]:
+    """Rollout frames from 2 Ray actors to the learner: through the object store and joined with
+    np.concatenate (off) vs written by the actors into a shared-memory buffer (on), alternated.
+
+    Per batch: ``transfer_s`` (every batch ready -> joined rollout, on the learner's critical
+    path), ``wait_s`` (the whole collect: sampling plus the actors' object-store writes) and the
+    frame bytes copied on the way; then one PPO update (procgen preset) on a batch of that size
+    for scale. Real CoinRun, IMPALA, 2 x 16 envs x 128 steps; per-byte costs are scaled to the
+    train-procgen batch (64 envs x 256 steps) as well.
+    """
+    from attention import build_policy
+    from learner import PPOLearner
+    from loupe.distributed import RaySampler, init_ray
+
+    actors, envs_per_actor, steps, batches = 2, 16, 128, 2
+    init_ray(None)
+    policy = build_policy("impala", (3, 64, 64), 15)
+    weights = {k: v.numpy() for k, v in policy.state_dict().items()}
+    runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+    frame_bytes = steps * actors * envs_per_actor * 3 * 64 * 64
+    last = None
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _train_config("procgen:coinrun", "impala", actors * envs_per_actor, steps, 10**9,
+                            tmp, actors=actors, distribution_mode="easy")  # fmt: skip
+        for _ in range(opts["rounds"]):
+            for mode in ("off", "on"):
+                sampler = RaySampler(cfg, shared_obs=mode == "on")
+                try:
+                    sampler.start(weights, 0)
+                    sampler.collect()  # warm-up (the first batch maps the buffers)
+                    for _ in range(batches):
+                        r0 = resource.getrusage(resource.RUSAGE_SELF)
+                        last, stats = sampler.collect()
+                        r1 = resource.getrusage(resource.RUSAGE_SELF)
+                        runs[mode].append({
+                            "transfer_s": stats["transfer_s"], "wait_s": stats["wait_s"],
+                            "learner_cpu_s": r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime,
+                            "shared_obs": stats["shared_obs"]})  # fmt: skip
+                finally:
+                    sampler.close()
+        learner = PPOLearner(policy, dataclasses.replace(cfg.ppo, num_minibatches=8,
+                                                         update_epochs=3))  # fmt: skip
+        t0 = time.perf_counter()
+        learner.update(last)
+        update_s = time.perf_counter() - t0
+    out: dict[str, Any] = {
+        "actors": actors, "envs_per_actor": envs_per_actor, "steps": steps,
+        "frame_mb_per_batch": frame_bytes / 2**20,
+        "frame_bytes_copied_per_batch": {
+            "off": 2 * frame_bytes,  # actor -> object store, then np.concatenate
+            "on": 0,  # the actors' frames land in the learner's buffer (the env -> batch copy
+            # that both make, as before, is not counted)
+        },
+        "ppo_update_s": update_s,
+        "order": "off, on, off, on, ... (rounds alternations), each a fresh sampler",
+    }  # fmt: skip
+    for mode, rs in runs.items():
+        out[mode] = {key: float(np.median([r[key] for r in rs]))
+                     for key in ("transfer_s", "wait_s", "learner_cpu_s", "shared_obs")}  # fmt: skip
+        out[mode]["runs"] = rs
+    scale = (64 * 256) / (steps * actors * envs_per_actor)
+    saved = out["off"]["transfer_s"] - out["on"]["transfer_s"]
+    out["transfer_s_saved_per_batch"] = saved
+    out["transfer_s_saved_share_of_update"] = saved / max(update_s, 1e-9)
+    out["at_train_procgen_batch"] = {
+        "frame_mb": 64 * 256 * 3 * 64 * 64 / 2**20,
+        "transfer_s_off": out["off"]["transfer_s"] * scale,
+        "transfer_s_on": out["on"]["transfer_s"] * scale,
+        "ppo_update_s": update_s * scale,
+    }
+    return out
+
+
 @benchmark("ig")
 def bench_ig(opts: dict[str, Any]) -> dict[str, Any]:
     """Hidden-layer IG for value + every logit in one pass vs one Captum call per target."""

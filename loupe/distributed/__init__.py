@@ -112,19 +112,29 @@ def check_cpus(needed: float) -> None:
         )
 
 
-def concat_rollouts(parts: list, envs_per_part: list[int]):
-    """Join per-actor rollouts along the env axis; episode env indices are offset to global ones."""
+def concat_rollouts(parts: list, envs_per_part: list[int], obs: np.ndarray | None = None):
+    """Join per-actor rollouts along the env axis; episode env indices are offset to global ones.
+
+    ``obs``: the (T, N, C, H, W) shared buffer the actors wrote their frames into (parts with
+    ``obs`` None); frames a part brought itself are copied into it. None: parts are concatenated.
+    """
     from learner.rollout import Rollout
 
-    if len(parts) == 1:
+    if len(parts) == 1 and obs is None:
         return parts[0]
     offsets = np.cumsum([0, *envs_per_part[:-1]])
+    if obs is not None:
+        for part, off, n in zip(parts, offsets, envs_per_part):
+            if part.obs is not None:
+                obs[:, off : off + n] = part.obs
+    else:
+        obs = np.concatenate([p.obs for p in parts], axis=1)
     episodes = []
     for part, off in zip(parts, offsets):
         for ep in part.episodes:
             episodes.append(dataclasses.replace(ep, env_index=int(ep.env_index + off)))
     return Rollout(
-        obs=np.concatenate([p.obs for p in parts], axis=1),
+        obs=obs,
         actions=np.concatenate([p.actions for p in parts], axis=1),
         logprobs=np.concatenate([p.logprobs for p in parts], axis=1),
         values=np.concatenate([p.values for p in parts], axis=1),
@@ -167,9 +177,15 @@ class _ActorPool:
 
 
 class RaySampler(_ActorPool):
-    """Rollout actors on Ray with ``actor`` inference; keeps them at most ``max_policy_lag`` behind."""
+    """Rollout actors on Ray with ``actor`` inference; keeps them at most ``max_policy_lag`` behind.
 
-    def __init__(self, config):
+    With ``shared_obs`` (and /dev/shm here), actors on this machine write their frames straight
+    into a shared-memory buffer (``learner.rollout.SharedObs``) that the learner reads in place;
+    only the small per-step arrays travel through Ray's object store. Actors on other nodes
+    send their frames as before, and they are copied into the buffer.
+    """
+
+    def __init__(self, config, shared_obs: bool = True):
         import ray
 
         from actors.rollout import RolloutActor, RolloutConfig
@@ -202,6 +218,14 @@ class RaySampler(_ActorPool):
         self.version = -1
         self.pending: list | None = None
         self.actor_failures = 0
+        from learner.rollout import SharedObs
+
+        self.shared = None
+        if shared_obs and SharedObs.available():
+            self.shared = SharedObs((self.num_steps, sum(self.envs), *self.obs_shape))
+        self.offsets = [int(o) for o in np.cumsum([0, *self.envs[:-1]])]
+        #: shared buffer of the batch being sampled (None: the object store)
+        self.pending_buffer: int | None = None
 
     def start(self, weights: dict[str, np.ndarray], version: int) -> None:
         self.publish(weights, version)
@@ -217,27 +241,53 @@ class RaySampler(_ActorPool):
             self._launch()
 
     def _launch(self) -> None:
+        self.pending_buffer = self.shared.acquire() if self.shared is not None else None
         self.pending = [self._launch_one(i) for i in range(len(self.actors))]
 
     def _launch_one(self, i: int):
         actor = self.actors[i]
         actor.set_weights.remote(self.version, self.weights_ref)
-        return actor.rollout.remote(self.num_steps)
+        b = self.pending_buffer
+        if b is None:
+            return actor.rollout.remote(self.num_steps)
+        shared = self.shared
+        return actor.rollout_shared.remote(
+            self.num_steps, shared.paths[b], shared.shape, self.offsets[i]
+        )
 
     def collect(self):
+        import ray
+
         assert self.pending is not None
         t0 = time.perf_counter()
+        ray.wait(self.pending, num_returns=len(self.pending), fetch_local=False)
+        t1 = time.perf_counter()
         parts = []
         for i, ref in enumerate(self.pending):
             parts.append(self._get_batch(i, ref))
-        self.pending = None
+        b, self.pending, self.pending_buffer = self.pending_buffer, None, None
+        obs = self.shared.arrays[b] if b is not None else None
+        rollout = concat_rollouts(parts, self.envs, obs=obs)
+        if b is not None:
+            self.shared.release(b)  # the rollout holds it now
+            if all(p.obs is None for p in parts):
+                self.shared.mapped(b)
+        t2 = time.perf_counter()
+        del parts, obs
         if self.lag >= 1:
             self._launch()  # overlap: the next batch samples while the learner updates
-        rollout = concat_rollouts(parts, self.envs)
         return rollout, {
             "wait_s": time.perf_counter() - t0,
+            # from every batch ready to the joined rollout: the transfer on the learner's side
+            "transfer_s": t2 - t1,
+            "shared_obs": float(b is not None),
             "actor_failures": float(self.actor_failures),
         }
+
+    def close(self) -> None:
+        super().close()
+        if self.shared is not None:
+            self.shared.close()
 
     def _get_batch(self, i: int, ref):
         """The batch of actor ``i``; a lost batch is sampled again once Ray has restarted the actor."""
