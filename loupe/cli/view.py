@@ -44,8 +44,8 @@ def register(sub) -> None:
     p.add_argument("--target", action="append", default=None, metavar="T",
                    help="attribution target: value, logit:I, group:NAME, auto (repeatable; "
                    "default: auto, the value and the action groups)")  # fmt: skip
-    p.add_argument("--ig-steps", type=int_range(1, 1024), default=10,
-                   help="Riemann steps of integrated gradients (default: 10)")  # fmt: skip
+    p.add_argument("--ig-steps", type=int_range(1, 1024), default=8,
+                   help="Riemann steps of integrated gradients (default: 8)")  # fmt: skip
     p.add_argument("--saliency", choices=["sample", "all", "none"], default="sample",
                    help="frames given gradient, SmoothGrad and perturbation saliency: sample (the "
                    "GAE bookmarks and every --saliency-every-th frame), all, none (default: "
