@@ -1068,10 +1068,39 @@ def bench_explorer(opts: dict[str, Any]) -> dict[str, Any]:
         out["build_threads1_s"] = time.perf_counter() - t0
         out["build_threads1_cpu_s"] = time.process_time() - c0
         out["build_threads1_timings"] = one["timings"]
+        out["ig_steps_check"] = _ig_steps_check(BundleConfig().ig_steps)
     out["load_avg_end"] = list(os.getloadavg())
     out["cpus"] = os.cpu_count()
     out["target"] = "build < 120 s on 2 cores, size < 30 MB, first frame < 1 s"
     return out
+
+
+def _ig_steps_check(steps: int) -> dict[str, Any] | None:
+    """The bundle's IG steps against 64 steps on 64 frames of the shipped agent (value and the
+    action groups): median relative L2 error and mean cosine of the attributions, per target."""
+    from pathlib import Path
+
+    from learner.checkpoint import find_checkpoint, load_checkpoint
+    from probes.attribution import IntegratedGradients
+    from probes.suite import ProbeConfig, record
+
+    agent = Path(__file__).resolve().parents[1] / "agents" / "coinrun-interpretable"
+    if not agent.is_dir():
+        return None
+    policy, meta = load_checkpoint(find_checkpoint(str(agent), say=None))
+    policy.eval()
+    obs = torch.from_numpy(record(policy, meta, ProbeConfig(num_envs=2, num_steps=32)).obs)
+    obs = obs.reshape(-1, *obs.shape[2:])
+    targets = ["value", ("left", [0, 1, 2]), ("right", [6, 7, 8]), ("up", [2, 5, 8]),
+               ("down", [0, 3, 6])]  # fmt: skip
+    ref = IntegratedGradients(policy, "2b", n_steps=64).attribute(obs, targets)
+    got = IntegratedGradients(policy, "2b", n_steps=steps).attribute(obs, targets)
+    a, b = got.attributions.flatten(2), ref.attributions.flatten(2)
+    err = ((a - b).norm(dim=-1) / b.norm(dim=-1).clamp(min=1e-12)).median(1).values
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).mean(1)
+    return {"steps": steps, "reference_steps": 64, "frames": len(obs), "targets": ref.targets,
+            "median_rel_error": [round(float(v), 4) for v in err],
+            "mean_cosine": [round(float(v), 5) for v in cos]}  # fmt: skip
 
 
 def _first_frame_s(view, server_cls) -> dict[str, float] | None:

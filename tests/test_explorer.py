@@ -281,6 +281,11 @@ def test_bad_view_input_is_one_line(probed, tmp_path):
         (["--eval", str(nosummary)], "holds no eval.json"),
         (["--run", str(nosummary)], ""),
         (["--eval", str(probed["evaldir"]), "--host", "0.0.0.0"], "--token"),
+        (["--checkpoint", str(nosummary)], "no checkpoints"),
+        (["--checkpoint", str(nosummary / "ckpt-000000000001.json")], "no such checkpoint"),
+        (["--probe", str(probed["probe"]), "--replays", "1"], "use --eval"),
+        (["--probe", str(probed["probe"]), "--saliency", "some"], "--saliency"),
+        (["--probe", str(probed["probe"]), "--saliency-every", "0"], "--saliency-every"),
         (["--probe", str(probed["probe"]), "--export", str(probed["view"])], "not empty"),
     ]
     for args, message in cases:
@@ -502,6 +507,8 @@ def test_evaluation_page_renders_outcomes_and_progress(opener, tmp_path):
     text = p.locator("#outcomes").inner_text()
     assert "base" in text and "edited" in text and "60.0%" in text and "saw" in text
     assert p.locator("#inprogress").count() == 0
+    # these records predate recorded actions: the page says why its levels cannot be replayed
+    assert "cannot be replayed" in p.locator(".levels").first.inner_text()
     partial = opener("partialview")
     assert "still being written" in partial.page.locator("#inprogress").inner_text()
     assert "9 / 20 levels" in partial.page.locator("main").inner_text()

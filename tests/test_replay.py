@@ -152,6 +152,34 @@ def test_explorer_replays_a_failed_level_into_a_trajectory_page(evaluated, tmp_p
 
 
 @pytest.mark.integration
+def test_a_moved_or_changed_checkpoint_is_named_not_replayed(evaluated, tmp_path):
+    import shutil
+
+    from loupe.explorer import bundle
+
+    moved = tmp_path / "eval"
+    shutil.copytree(evaluated["out"], moved)
+    marker = json.loads((moved / "eval.json").read_text())
+    marker["checkpoints"][0]["path"] = str(tmp_path / "gone" / "ckpt-000000000001.json")
+    (moved / "eval.json").write_text(json.dumps(marker))
+    level = evaluated["failed"][0].level
+    with pytest.raises(LoupeError, match="is not there any more"):
+        bundle.build_replay(tmp_path / "v", moved, evaluated["label"], level)
+    marker["checkpoints"][0]["path"] = str(evaluated["ckpt"])
+    marker["checkpoints"][0]["sha256"] = "0" * 64
+    (moved / "eval.json").write_text(json.dumps(marker))
+    with pytest.raises(LoupeError, match="sha256 differs"):
+        bundle.build_replay(tmp_path / "v", moved, evaluated["label"], level)
+    # records from before actions were recorded
+    records = moved / f"{evaluated['label']}.jsonl"
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    records.write_text("".join(json.dumps({**r, "actions": None}) + "\n" for r in lines))
+    with pytest.raises(LoupeError, match="without recording its actions"):
+        bundle.build_replay(tmp_path / "v", moved, evaluated["label"], level)
+    assert not (tmp_path / "v").exists()
+
+
+@pytest.mark.integration
 def test_view_eval_export_replays_by_default_and_refuses_bad_replay_options(evaluated, tmp_path):
     out = tmp_path / "export"
     run = lambda *a: subprocess.run([sys.executable, "-m", "loupe.cli", "view", *a],  # noqa: E731
