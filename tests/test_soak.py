@@ -396,3 +396,25 @@ def test_a_local_ray_rotates_its_logs(monkeypatch):
         backups=os.environ.get("RAY_ROTATION_BACKUP_COUNT")))  # fmt: skip
     init_ray(None)
     assert seen == {"max_bytes": str(64 << 20), "backups": "3"}
+
+
+@pytest.mark.unit
+def test_tb_sizes_tell_the_learner_points_from_probe_scalars_and_images(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from loupe.soak.report import tb_sizes
+
+    learner = SummaryWriter(str(tmp_path))
+    for step in (10, 20, 30):
+        learner.add_scalar("train/loss", 1.0, step)
+        learner.add_scalar("train/steps_per_s", 2.0, step)
+    learner.close()
+    probe = SummaryWriter(str(tmp_path / "probes-w"))
+    for step in (10, 20):
+        probe.add_scalar("probe/x", 1.0, step)
+    probe.add_image("probe/overlay", np.zeros((3, 8, 8), np.uint8), 10)
+    probe.close()
+    out = tb_sizes(tmp_path)
+    assert out["train_points"] == 3 and out["probe_scalar_steps"] == 2
+    assert out["probe_image_steps"] == 1 and out["probe_image_bytes"] > 0
+    assert out["train_bytes"] > 0 and out["probe_scalar_bytes"] > 0

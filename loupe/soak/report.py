@@ -355,7 +355,8 @@ def tb_sizes(tb_dir: Path) -> dict[str, float]:
             if not probe:
                 out["train_bytes"] += size
                 steps.add(event.step)
-            elif any(v.HasField("image") for v in event.summary.value):
+            elif any(v.HasField("image") or v.metadata.plugin_data.plugin_name == "images"
+                     for v in event.summary.value):  # fmt: skip
                 out["probe_image_bytes"] += size
                 image_steps.add(event.step)
             else:
