@@ -54,9 +54,9 @@ def register(sub) -> None:
                    help="with --saliency sample: every this many frames (default: 16)")  # fmt: skip
     p.add_argument("--tsne-iterations", type=int_range(250, 100_000), default=500,
                    help="t-SNE iterations of the embedding (default: 500)")  # fmt: skip
-    p.add_argument("--threads", type=int_range(0, 1024), default=0,
-                   help="torch threads for attribution and saliency; on a busy machine 1 is "
-                   "often faster (default: 0, torch's own choice)")  # fmt: skip
+    p.add_argument("--threads", type=int_range(0, 1024), default=1,
+                   help="torch threads for attribution and saliency, 0: torch's own choice "
+                   "(default: 1, the faster on two shared cores)")  # fmt: skip
     p.add_argument("--trajectories", choices=["latest", "all", "none"], default="latest",
                    help="--run: which probed checkpoints get trajectory pages (default: latest)")  # fmt: skip
     p.add_argument("--no-embedding", action="store_true",

@@ -17,9 +17,9 @@ exp(-d) disk. Entries are shipped as 8-bit grey tiles in one sprite per (traject
 the browser tints and adds them, so hovering a legend entry needs no extra image.
 
 What a default build holds and what it leaves for the asking (the page says both): attribution to
-the value and the action groups at every frame (other targets: ``--target logit:I``); gradient,
-SmoothGrad and perturbation saliency at the GAE bookmarks and every 16th frame (``--saliency
-all``: every frame); attention maps at every frame. Failed levels of an evaluation are replayed
+the value and the action groups at every frame (other targets: ``--target logit:I``); gradient
+and SmoothGrad saliency at the GAE bookmarks and every 16th frame, perturbation saliency at the
+bookmarks (``--saliency all``: every frame); attention maps at every frame. Failed levels of an evaluation are replayed
 from their level seed and recorded actions (``build_replay``) into trajectory pages of their own.
 """
 
@@ -76,9 +76,10 @@ class BundleConfig:
     embedding: bool = True
     #: t-SNE iterations (the first 250 with early exaggeration)
     tsne_iterations: int = 500
-    #: torch intra-op threads for attribution and saliency (0: torch's default); the recording
-    #: (one small batch per step) and the t-SNE always use one
-    torch_threads: int = 0
+    #: torch intra-op threads for attribution and saliency (0: torch's own choice). One: on two
+    #: shared cores a second thread mostly waits (bench/explorer.json: twice the CPU seconds and
+    #: twice the wall time); the recording (one small batch per step) and the t-SNE use one too
+    torch_threads: int = 1
 
     def __post_init__(self):
         for name in ("num_envs", "num_steps"):
