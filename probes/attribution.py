@@ -148,10 +148,10 @@ class IntegratedGradients:
     """Hidden-layer integrated gradients with a zero-activation baseline."""
 
     #: with chunk_size None, rows (observation x step pairs) per suffix pass are chosen so that
-    #: one pass's activations and gradients stay under about this many bytes (on 2 busy CPU
-    #: cores, impala s2 at B=128: 6.1-6.7 CPU s per call at 1 GiB, 7.8-9.9 s at 256 MiB, 14-20 s
-    #: at 64 MiB: fewer, larger ops)
-    memory_budget: int = 2**30
+    #: one pass's activations and gradients stay under about this many bytes (impala s2 at
+    #: B=256, 2 quiet CPU cores: 1.85 s at 128 MiB, 1.97 s at 64, 2.25 s at 256, 3.1 s at 4 MiB,
+    #: 3.5 s at 1 GiB; interpretable 2b: 2.1 s at 128 MiB, 4.5 s at 1 GiB)
+    memory_budget: int = 128 * 2**20
     #: how the K targets' gradients are taken: "loop" (one backward per target over the retained
     #: graph, summed straight into the result) or "batched" (autograd's is_grads_batched)
     backward: str = "loop"
