@@ -300,15 +300,11 @@ def _blindness(rows: dict[str, Any], edit: str, cls: str) -> dict[str, Any]:
     exact test, p < ``BLINDNESS_ALPHA``): an agent that ignores the group fails as often with it
     invisible, and a ratio of two noise-sized increases would mean nothing.
     """
-    from scipy.stats import fisher_exact
-
     base = rows["original"]["percent"][cls]
     edit_up = rows[edit]["percent"][cls] - base
     control = rows[f"invisible-{cls}"]
     control_up = control["percent"][cls] - base
-    a, n1 = rows["original"]["counts"][cls], rows["original"]["levels"]
-    b, n2 = control["counts"][cls], control["levels"]
-    _, p = fisher_exact([[a, n1 - a], [b, n2 - b]])
+    p = _tests(rows["original"], control)[cls]["p"]
     ratio = edit_up / control_up if control_up > 0 and p < BLINDNESS_ALPHA else None
     return {
         "edit_increase_pct": edit_up,

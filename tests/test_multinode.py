@@ -26,50 +26,33 @@ def run(*args: str, env) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), capture_output=True, text=True, timeout=300, env=env)
 
 
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process this user can read."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        table[int(entry.name)] = (ppid, cmdline)
-    return table
+def _cluster(port: int) -> set[int]:
+    """Processes of this test's cluster: those naming its GCS port, and their descendants."""
+    from loupe.soak.procs import descendants, read_proc, scan_children
+
+    parents = scan_children()
+    roots = {pid for pid in parents if (p := read_proc(pid, count_fds=False))
+             and (f"127.0.0.1:{port}" in p.title or f"gcs_server_port={port}" in p.title)}  # fmt: skip
+    roots.discard(os.getpid())
+    return roots.union(*(descendants(pid, parents) for pid in roots))
+
+
+def _alive(pids: set[int]) -> list[int]:
+    from loupe.soak.procs import read_proc
+
+    return [pid for pid in pids if (p := read_proc(pid, count_fds=False)) and p.state != "Z"]
 
 
 def stop_cluster(port: int) -> None:
-    """Stop this test's two nodes only (`ray stop` would stop every Ray on the machine).
-
-    Every process of the cluster names its GCS port on its command line; their descendants
-    (worker processes) go with them.
-    """
-    table = _processes()
-    mine = {pid for pid, (_, cmd) in table.items() if f"127.0.0.1:{port}" in cmd
-            or f"gcs_server_port={port}" in cmd}  # fmt: skip
-    mine.discard(os.getpid())
-    grown = True
-    while grown:
-        children = {pid for pid, (ppid, _) in table.items() if ppid in mine} - mine
-        mine |= children
-        grown = bool(children)
+    """Stop this test's two nodes only (`ray stop` would stop every Ray on the machine)."""
+    mine = _cluster(port)  # once: a worker whose raylet died is no longer its descendant
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in mine:
+        for pid in _alive(mine):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(pid) for pid in mine):
+        while time.monotonic() < deadline and _alive(mine):
             time.sleep(0.2)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 @pytest.mark.integration
@@ -105,5 +88,4 @@ def test_training_across_two_nodes(tmp_path):
         assert json.loads(metas[-1].read_text())["step"] == 128
     finally:
         stop_cluster(port)
-    left = [pid for pid, (_, cmd) in _processes().items() if f"127.0.0.1:{port}" in cmd]
-    assert not [pid for pid in left if _alive(pid)], left
+    assert not _alive(_cluster(port))
