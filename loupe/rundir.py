@@ -16,6 +16,21 @@ from pathlib import Path
 from loupe.errors import LoupeError
 
 CONFIG_NAME = "config.json"
+#: a checkpoint's metadata file; group 1 is its step
+CHECKPOINT_JSON = re.compile(r"ckpt-(\d{12})\.json$")
+
+
+def checkpoint_names(run_dir: str | Path) -> list[str]:
+    """Names of a run's checkpoint JSON files, oldest first ([] without a checkpoints folder).
+
+    Plain file names, without torch: for the processes that watch a run (the supervisor, the
+    soak harness) and must stay small.
+    """
+    try:
+        names = list((Path(run_dir) / "checkpoints").iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(p.name for p in names if CHECKPOINT_JSON.search(p.name))
 
 
 class RunDir:

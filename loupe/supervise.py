@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import TextIO
 
 from loupe.errors import LoupeError
+from loupe.rundir import CHECKPOINT_JSON, checkpoint_names
 
 #: exit statuses that are never restarted: done, bad input, interrupted (SIGINT, SIGTERM)
 DONE, BAD_INPUT = 0, 2
@@ -43,8 +43,6 @@ INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 STATE_NAME = "supervise.json"
 #: most recent exits kept in supervise.json
 EVENTS_KEPT = 20
-
-_CKPT = re.compile(r"ckpt-(\d{12})\.json$")
 
 
 @dataclasses.dataclass
@@ -103,15 +101,10 @@ def backoff(config: SuperviseConfig, in_a_row: int) -> float:
 
 def newest_checkpoint(run_dir: Path) -> tuple[int, str] | None:
     """(step, name) of the newest complete checkpoint of a run, or None (read without torch)."""
-    directory = Path(run_dir) / "checkpoints"
-    try:
-        names = sorted(p.name for p in directory.iterdir() if _CKPT.search(p.name))
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+    names = checkpoint_names(run_dir)
     if not names:
         return None
-    name = names[-1]
-    return int(_CKPT.search(name).group(1)), name.removesuffix(".json")
+    return int(CHECKPOINT_JSON.search(names[-1]).group(1)), names[-1].removesuffix(".json")
 
 
 def _kill_on_parent_death() -> Callable[[], None] | None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from loupe.errors import LoupeError
+from loupe.rundir import checkpoint_names
 from loupe.soak import (
     COMPONENTS,
     Item,
@@ -383,10 +384,7 @@ class Soak:
     def scan_checkpoints(self) -> None:
         """Record every checkpoint JSON the first time it is seen (retention deletes old ones)."""
         directory = self.run_dir / "checkpoints"
-        try:
-            names = [n for n in os.listdir(directory) if re.fullmatch(r"ckpt-\d{12}\.json", n)]
-        except FileNotFoundError:
-            return
+        names = checkpoint_names(self.run_dir)
         known = {c["name"] for c in self.checkpoints.values()}
         for name in sorted(set(names) - known):
             try:
