@@ -182,6 +182,22 @@ def test_projection_refuses_nonsense_and_reads_configs():
     assert r.stream_maxlen == 99 and Retention.of() == Retention()
 
 
+@pytest.mark.unit
+def test_the_projection_defaults_are_the_components_defaults():
+    # Retention's defaults repeat those of TrainConfig, WorkerConfig and the bus: they must agree
+    import inspect
+
+    from loupe.bus import CheckpointBus
+    from loupe.bus.probe_worker import WorkerConfig
+    from loupe.train import TrainConfig
+
+    maxlen = inspect.signature(CheckpointBus).parameters["maxlen"].default
+    train = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+             if f.name in ("keep_last", "keep_every", "tb_max_points")}  # fmt: skip
+    train = dataclasses.make_dataclass("Train", list(train))(**train)
+    assert Retention.of(train, WorkerConfig(), maxlen) == Retention()
+
+
 @pytest.mark.integration
 def test_train_bounds_tensorboard_points_and_checkpoints(tmp_path):
     """10 updates with --tb-max-points 3: a point every 4 updates and at the end (3 per tag);
