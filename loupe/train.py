@@ -259,8 +259,7 @@ class Trainer:
         """After every update: a dead private redis-server is started again at once (not only at
         the next checkpoint), so that probe workers following the run have it back within one
         update; announcements an outage held back go out then."""
-        server = self.redis_server
-        if server is not None and not server.alive() and self._revive_private_server():
+        if self._revive_private_server():  # False at once while the server is alive
             self._flush_announcements()
 
     def _publish(self, path: Path) -> None:
