@@ -896,7 +896,9 @@ def bench_peer(opts: dict[str, Any]) -> dict[str, Any]:
 
     from loupe.errors import LoupeError
 
-    python = opts["peer_python"]
+    # absolute: cleanrl runs in a temporary directory (a venv's python must not be resolved
+    # through its symlink, or it loses the venv)
+    python = os.path.abspath(opts["peer_python"])
     if not Path(python).exists():
         raise LoupeError(f"no cleanrl environment at {python}; run `make bench-peer` to build it")
     steps, rounds = opts["peer_steps"], opts["rounds"]
