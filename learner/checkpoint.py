@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from learner.ppo import TrainState
 from loupe.errors import LoupeError
+from loupe.rundir import CHECKPOINT_JSON as _NAME
 
 SCHEMA = 1
-_NAME = re.compile(r"ckpt-(\d{12})\.json$")
 
 
 def sha256_file(path: Path) -> str:

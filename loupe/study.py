@@ -77,6 +77,15 @@ class EditStudy:
         self.out = Path(config.out)
         self.progress = progress
         self.log = log
+        self._shas: dict[str, str] = {}
+
+    def sha256(self, checkpoint: str) -> str:
+        """The weights' sha256 from a checkpoint's metadata, read once per path."""
+        from learner.checkpoint import read_meta
+
+        if checkpoint not in self._shas:
+            self._shas[checkpoint] = read_meta(checkpoint)["sha256"]
+        return self._shas[checkpoint]
 
     # -- the directory ---------------------------------------------------------------------------
     def prepare(self) -> dict[str, Any]:
@@ -84,6 +93,7 @@ class EditStudy:
         from learner.checkpoint import read_meta
 
         meta = read_meta(self.config.checkpoint)
+        self._shas[self.config.checkpoint] = meta["sha256"]
         if meta.get("env") != "procgen:coinrun":
             raise LoupeError(
                 f"{self.config.checkpoint} was trained on {meta.get('env') or 'an unknown env'}; "
@@ -185,12 +195,11 @@ class EditStudy:
         return paths
 
     def evaluations(self, edits: dict[str, str]) -> dict[str, dict[str, Any]]:
-        from learner.checkpoint import read_meta
         from loupe.distributed.evaluate import EvalConfig, evaluate
 
         c = self.config
         # two edits of the same feature are one model: evaluate each distinct checkpoint once
-        models = list({read_meta(p)["sha256"]: p for p in [c.checkpoint, *edits.values()]}.values())
+        models = list({self.sha256(p): p for p in [c.checkpoint, *edits.values()]}.values())
         runs = {
             "models": (models, []),
             "invisible-saw": ([c.checkpoint], ["saw"]),
@@ -214,10 +223,8 @@ class EditStudy:
     def report(
         self, labels: dict[str, Any], edits: dict[str, str], evals: dict[str, dict[str, Any]]
     ) -> dict[str, Any]:
-        from learner.checkpoint import read_meta
-
-        shas = {"original": read_meta(self.config.checkpoint)["sha256"]}
-        shas.update({name: read_meta(path)["sha256"] for name, path in edits.items()})
+        shas = {"original": self.sha256(self.config.checkpoint)}
+        shas.update({name: self.sha256(path) for name, path in edits.items()})
         rows = _rows(evals, shas)
         study = {
             "config": _identity(self.config),

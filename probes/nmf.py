@@ -118,6 +118,23 @@ class AttributionNMF:
             model.fit(rows)
         return cls(model, config)
 
+    @classmethod
+    def from_directions(cls, directions: Any, config: NMFConfig | None = None) -> AttributionNMF:
+        """A fitted NMF rebuilt from saved (K, C) directions (a probe summary's ``nmf.directions``):
+        the transform with the components fixed, without repeating the fit."""
+        d = np.asarray(directions, dtype=np.float64)
+        if d.ndim != 2 or not d.size or (d < 0).any():
+            raise LoupeError(f"NMF directions must be a non-negative (K, C) array, got {d.shape}")
+        k, c = d.shape
+        config = config or NMFConfig(n_components=k)
+        model = NMF(n_components=k, init=config.init, random_state=config.seed,
+                    max_iter=config.max_iter, tol=config.tol)  # fmt: skip
+        model.components_ = d
+        model.n_components_ = k
+        model._n_components = k
+        model.n_features_in_ = c
+        return cls(model, config)
+
     @property
     def directions(self) -> np.ndarray:
         """(K, C) non-negative channel directions, sklearn's ``components_``."""

@@ -115,18 +115,21 @@ def test_saliency_frames_sample_the_bookmarks_and_every_nth_frame():
 
 @pytest.mark.unit
 def test_nmf_rebuilt_from_directions_transforms_like_the_fitted_one():
-    from probes.nmf import fit_attribution_nmf
+    from probes.nmf import AttributionNMF, fit_attribution_nmf
 
     rng = np.random.default_rng(0)
     attr = rng.normal(size=(6, 8, 5, 5))
     fitted = fit_attribution_nmf(attr, n_components=3)
-    rebuilt = bundle.nmf_from_directions(fitted.directions.tolist())
+    rebuilt = AttributionNMF.from_directions(fitted.directions.tolist())
     assert np.allclose(rebuilt.transform(attr), fitted.transform(attr))
     assert np.allclose(rebuilt.residual(attr), fitted.residual(attr))
     entries = bundle.nmf_entries(rebuilt, attr)  # (N, K + 1, h, w): features, then the residual
     assert entries.shape == (6, 4, 5, 5)
     assert np.allclose(entries[:, :3], fitted.transform(attr))
     assert np.allclose(entries[:, 3], fitted.residual(attr))
+    for bad in ([], [[-1.0, 2.0]], [1.0, 2.0]):  # empty, negative, not (K, C)
+        with pytest.raises(LoupeError, match="non-negative"):
+            AttributionNMF.from_directions(bad)
 
 
 @pytest.mark.unit

@@ -228,24 +228,7 @@ def resolve_targets(specs, n_actions: int, groups: dict[str, list[int]], actions
     return out_names, ig_specs
 
 
-# -- NMF with fixed directions ---------------------------------------------------------------------
-def nmf_from_directions(directions):
-    """The probe's AttributionNMF rebuilt from its saved directions (sklearn transform with the
-    components fixed; the fit itself is not repeated)."""
-    from sklearn.decomposition import NMF
-
-    from probes.nmf import AttributionNMF, NMFConfig
-
-    d = np.asarray(directions, dtype=np.float64)
-    k, c = d.shape
-    model = NMF(n_components=k, init="nndsvda", max_iter=1000, random_state=0)
-    model.components_ = d
-    model.n_components_ = k
-    model._n_components = k
-    model.n_features_in_ = c
-    return AttributionNMF(model, NMFConfig(n_components=k))
-
-
+# -- NMF entries ----------------------------------------------------------------------------------
 def nmf_entries(nmf, attr) -> np.ndarray:
     """Probe NMF features and residual of (N, C, h, w) attributions -> (N, K + 1, h, w): the
     features ``nmf.transform`` and, last, ``nmf.residual`` (METHODS D), with the unscaled
@@ -411,6 +394,7 @@ def build_trajectories(
 
     from probes.attribution import IntegratedGradients
     from probes.gae_scan import gae_scan
+    from probes.nmf import AttributionNMF
 
     timings: dict[str, float] = {}
     t_len, n_env = rollout.actions.shape
@@ -430,7 +414,7 @@ def build_trajectories(
     # policy's outputs come from the layer's activation (the rest of the network after it)
     t0 = time.perf_counter()
     directions = nmf_info.get("directions")
-    nmf = nmf_from_directions(directions) if directions else None
+    nmf = AttributionNMF.from_directions(directions) if directions else None
     ig = IntegratedGradients(policy, layer, n_steps=config.ig_steps)
     attrs: list[np.ndarray] = []  # per chunk (K, n, C, h, w), kept only while NMF is to be fitted
     entries: list[np.ndarray] = []  # per chunk: (K, n, E, h, w)
