@@ -54,6 +54,32 @@ def test_peer_benchmark_without_its_environment_says_how_to_build_it(tmp_path):
         )
 
 
+@pytest.mark.unit
+def test_peer_benchmark_hands_cleanrl_an_absolute_python(tmp_path, monkeypatch):
+    """cleanrl runs in a temporary directory: a relative --peer-python (the Makefile's
+    .venv-peer/bin/python) must reach it as an absolute path, not resolved through its symlink."""
+    import os
+
+    import loupe.bench as bench
+
+    (tmp_path / "venv/bin").mkdir(parents=True)
+    (tmp_path / "venv/bin/python3").write_text("")
+    (tmp_path / "venv/bin/python").symlink_to("python3")
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr(bench, "run_loupe_peer", lambda *a: {"steps_per_s": 2.0})
+
+    def cleanrl(python, *args):
+        seen.append(python)
+        return {"steps_per_s": 1.0}
+
+    monkeypatch.setattr(bench, "run_cleanrl", cleanrl)
+    out = bench.bench_peer({"peer_python": "venv/bin/python", "peer_steps": 8, "rounds": 1,
+                            "peer_num_envs": 2, "peer_num_steps": 4})  # fmt: skip
+    assert seen == [os.path.join(str(tmp_path), "venv/bin/python")]
+    assert out["ratio_loupe_over_cleanrl"] == 2.0
+
+
 @pytest.mark.integration
 def test_update_lever_worker_reports_rate_and_cpu_times():
     from loupe.bench import update_step_worker
