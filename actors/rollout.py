@@ -34,6 +34,9 @@ class RolloutConfig:
     seed: int = 0
     #: torch intra-op threads for CPU inference inside this actor (0 keeps torch's default)
     torch_threads: int = 0
+    #: run the policy's convolutions in channels-last memory format (the same outputs to float
+    #: tolerance; less CPU for the networks in ``learner.ppo.CHANNELS_LAST_PAYS``)
+    channels_last: bool = False
 
 
 @torch.no_grad()
@@ -68,6 +71,8 @@ class RolloutActor:
             config.policy, self.env.obs_shape, self.env.n_actions, **config.policy_options
         )
         self.policy.eval()
+        if config.channels_last:
+            self.policy.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.version = -1
         self.generator = torch.Generator().manual_seed(config.seed)
         self.obs = self.env.reset()  # (N, C, H, W) uint8

@@ -67,18 +67,22 @@ class PPOConfig:
     proximal: str = "auto"
     #: arithmetic of the update's forward and backward passes: "fp32", "bf16" (autocast to
     #: bfloat16; the loss, optimiser and master weights stay float32; refused on a CPU without
-    #: AVX512-BF16/AMX), or "auto": bf16 where it was measured to pay (the IMPALA CNN on a CPU with
-    #: native bf16), else fp32
+    #: AVX512-BF16/AMX), or "auto": bf16 where it was measured to pay (the IMPALA and the
+    #: interpretable CNN on a CPU with native bf16: ``learner.ppo.BF16_PAYS``), else fp32
     precision: str = "auto"
     #: samples per forward/backward pass: each minibatch is processed in micro-batches of this
     #: size with gradients accumulated (advantages normalised over the whole minibatch), so the
     #: Adam step equals the unchunked one to float tolerance; 0 processes the minibatch at once
-    #: (the default: with malloc_tuning, chunks of 256 or 512 did not pay on a 2-core CPU)
+    #: (the default: with malloc_tuning, chunks of 256 or 512 cost more CPU per sample on a
+    #: 2-core CPU for the IMPALA and the interpretable CNN, bench/profile.md)
     micro_batch: int = 0
-    #: run the update's convolutions in channels-last memory format (off by default: the one
-    #: measurement on a busy machine favoured it, not yet confirmed)
-    channels_last: bool = False
-    #: torch.compile the policy for the update (not yet measured on CPU; off)
+    #: run the update's convolutions in channels-last memory format: True, False, or None
+    #: ("auto"): on for the policies where it was measured to pay on a CPU
+    #: (``learner.ppo.CHANNELS_LAST_PAYS``), else off
+    channels_last: bool | None = None
+    #: torch.compile the policy for the update: about 17% less CPU per sample for the
+    #: interpretable CNN (bf16, channels-last) after a compile of about 80 s at each start; off
+    #: by default (short runs and tests never earn the compile back)
     compile: bool = False
     #: gather each minibatch into buffers allocated once per batch (no per-minibatch allocation)
     reuse_buffers: bool = True
@@ -98,7 +102,7 @@ class PPOConfig:
     num_updates: int = dataclasses.field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        self._check_ranges()
+        self.check_ranges()
         self.batch_size = self.num_envs * self.num_steps
         if self.batch_size % self.num_minibatches:
             raise LoupeError(
@@ -108,7 +112,8 @@ class PPOConfig:
         self.minibatch_size = self.batch_size // self.num_minibatches
         self.num_updates = max(1, -(-self.total_steps // self.batch_size))
 
-    def _check_ranges(self) -> None:
+    def check_ranges(self) -> None:
+        """Refuse out-of-range settings in one line (also after a setting is changed in place)."""
         for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "total_steps"):
             if getattr(self, name) <= 0:
                 raise LoupeError(f"{name} must be positive, got {getattr(self, name)}")
@@ -126,6 +131,10 @@ class PPOConfig:
             )
         if self.precision not in ("auto", "fp32", "bf16"):
             raise LoupeError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        if self.channels_last not in (True, False, None):
+            raise LoupeError(
+                f"channels_last must be true, false or null (auto), got {self.channels_last!r}"
+            )
         if self.micro_batch < 0 or self.num_threads < 0:
             raise LoupeError("micro_batch and num_threads must be >= 0 (0: off / torch default)")
         if not 0 <= self.gae_lambda <= 1:

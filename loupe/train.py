@@ -502,6 +502,7 @@ class InProcessSampler:
                 policy=config.policy,
                 policy_options=config.policy_options,
                 seed=config.ppo.seed,
+                channels_last=actor_channels_last(config),
             )
         )
         self.obs_shape = self.actor.obs_shape
@@ -524,6 +525,14 @@ class InProcessSampler:
 
     def close(self) -> None:
         self.actor.close()
+
+
+def actor_channels_last(config: TrainConfig) -> bool:
+    """Whether rollout actors (always on the CPU) run the policy in channels-last memory format:
+    the update's ``ppo.channels_last`` resolved for a CPU."""
+    from learner.ppo import resolve_channels_last
+
+    return resolve_channels_last(config.ppo.channels_last, torch.device("cpu"), config.policy)
 
 
 def make_sampler(config: TrainConfig):

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import attention.nets as nets
 from attention import build_policy
-from attention.nets import l2_pool
+from attention.nets import l2_pool, relu_l2_pool
 from attention.region import attention_entropy
 from attention.selfattn import SelfAttentionBlock
 
@@ -216,3 +217,84 @@ def test_l2_pool_matches_a_plain_loop_including_odd_edges():
                 window = x[0, c, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].flatten().tolist()
                 expected = math.sqrt(sum(a * a for a in window) / len(window) + 1e-8)
                 assert out[0, c, i, j].item() == pytest.approx(expected, rel=1e-12)
+
+
+def _autograd_relu_l2_pool(z: torch.Tensor) -> torch.Tensor:
+    """The chain relu_l2_pool replaces: autograd's own backward through every op."""
+    return l2_pool(F.relu(z))
+
+
+def _value_and_grad(fn, z: torch.Tensor, seed: int = 0):
+    z = z.detach().clone().requires_grad_(True)
+    y = fn(z)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    (dz,) = torch.autograd.grad(y, z, g)
+    return y.detach(), dz
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("shape", "dtype", "channels_last"),
+    [
+        ((2, 3, 5, 7), torch.float64, False),  # odd edges: windows of 2 and 1
+        ((4, 16, 64, 64), torch.float32, False),
+        ((4, 16, 64, 64), torch.float32, True),
+        ((2, 8, 21, 11), torch.float32, True),
+        ((4, 32, 32, 32), torch.bfloat16, True),  # what runs under bf16 autocast
+    ],
+)
+def test_relu_l2_pool_gives_autograds_values_and_gradients_bit_for_bit(shape, dtype, channels_last):
+    """The shorter backward reorders nothing: 2 g x equals g x + g x exactly, the ReLU mask is
+    implied by x = 0, so values and input gradients equal autograd's chain bitwise."""
+    torch.manual_seed(1)
+    z = torch.randn(shape, dtype=torch.float64).to(dtype)
+    if channels_last:
+        z = z.contiguous(memory_format=torch.channels_last)
+    want_y, want_dz = _value_and_grad(_autograd_relu_l2_pool, z)
+    got_y, got_dz = _value_and_grad(relu_l2_pool, z)
+    assert got_y.dtype == dtype and got_dz.dtype == dtype
+    assert torch.equal(got_y, want_y)
+    assert torch.equal(got_dz, want_dz)
+    assert (got_dz[z <= 0] == 0).all()  # no gradient through the ReLU's zeros
+    if channels_last:
+        assert got_dz.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.unit
+def test_relu_l2_pool_passes_gradcheck_and_needs_no_graph_without_gradients():
+    torch.manual_seed(2)
+    z = torch.randn(1, 2, 5, 7, dtype=torch.float64)
+    z = torch.where(z.abs() < 1e-3, torch.full_like(z, 0.5), z)  # away from the ReLU's kink
+    assert torch.autograd.gradcheck(relu_l2_pool, (z.requires_grad_(),))
+    with torch.no_grad():
+        y = relu_l2_pool(z)
+    assert y.grad_fn is None
+    assert torch.equal(y, l2_pool(F.relu(z.detach())))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_interpretable_network_trains_exactly_as_with_autograds_l2_pool(monkeypatch, channels_last):
+    """The whole interpretable CNN: logits, value and every weight gradient equal those of the
+    plain autograd chain bit for bit (so checkpoints and runs are unchanged), fp32 and under
+    bf16 autocast."""
+    torch.manual_seed(3)
+    policy = build_policy("interpretable", (3, 64, 64), 15)
+    if channels_last:
+        policy.to(memory_format=torch.channels_last)
+    obs = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8)
+
+    def run(bf16: bool):
+        policy.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = policy(obs)
+        (out.logits.float().square().sum() + out.value.float().sum()).backward()
+        return [out.logits.detach(), out.value.detach()] + [p.grad for p in policy.parameters()]
+
+    for bf16 in (False, True):
+        got = run(bf16)
+        with monkeypatch.context() as m:
+            m.setattr(nets, "relu_l2_pool", _autograd_relu_l2_pool)
+            want = run(bf16)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)

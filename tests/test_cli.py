@@ -117,6 +117,68 @@ def test_bad_train_input_gives_one_line(tmp_path: Path, args, needles):
 
 
 @pytest.mark.integration
+def test_resume_can_change_the_update_speed_settings_and_records_them(
+    trained_run: Path, tmp_path: Path
+):
+    """--precision, --channels-last and --compile on --resume replace the run's settings (said
+    in one line each, kept in config.json for later resumes); every other setting stays."""
+    import shutil
+
+    run = tmp_path / "faster"
+    shutil.copytree(trained_run, run)
+    before = json.loads((run / "config.json").read_text())
+    proc = loupe("train", "--resume", str(run), "--total-steps", "96", "--precision", "fp32",
+                 "--channels-last", "on", "--compile", "off", "--lr", "0.1", "--no-progress")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed with precision fp32 (was auto)" in proc.stdout
+    assert "resumed with channels_last on (was auto)" in proc.stdout
+    assert "compile" not in proc.stdout  # already off: nothing changes, nothing said
+    after = json.loads((run / "config.json").read_text())
+    assert after["ppo"]["precision"] == "fp32" and after["ppo"]["channels_last"] is True
+    # the rest as saved, --total-steps included (it applies to this resume only, as before);
+    # --lr is no speed setting: a resumed run keeps its own
+    changed = {"precision", "channels_last"}
+    assert {k: v for k, v in after["ppo"].items() if k not in changed} == {
+        k: v for k, v in before["ppo"].items() if k not in changed
+    }
+    assert {k: v for k, v in after.items() if k != "ppo"} == {
+        k: v for k, v in before.items() if k != "ppo"
+    }
+    steps = [
+        json.loads(p.read_text())["step"] for p in (run / "checkpoints").glob("ckpt-*[0-9].json")
+    ]
+    assert max(steps) == 96
+    again = loupe("train", "--resume", str(run), "--total-steps", "128", "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert "resumed with" not in again.stdout  # the recorded settings hold
+    assert json.loads((run / "config.json").read_text()) == after
+
+
+@pytest.mark.integration
+def test_resume_with_bf16_on_a_cpu_without_it_is_one_line_and_changes_nothing(
+    trained_run: Path, tmp_path: Path, monkeypatch, capsys
+):
+    import shutil
+
+    import learner.ppo as ppo_mod
+    from loupe.cli import main
+
+    run = tmp_path / "nobf16"
+    shutil.copytree(trained_run, run)
+    before = snapshot(run)
+    monkeypatch.setattr(ppo_mod, "cpu_bf16_feature", lambda: None)
+    rc = main(["train", "--resume", str(run), "--total-steps", "96", "--precision", "bf16",
+               "--no-progress"])  # fmt: skip
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("loupe")]
+    assert rc == 2
+    assert err == [
+        "loupe: error: precision bf16 needs a CPU with AVX512-BF16 or AMX, and this one has "
+        "neither (see the flags in /proc/cpuinfo); use --precision fp32"
+    ]
+    assert snapshot(run) == before
+
+
+@pytest.mark.integration
 def test_resume_from_truncated_checkpoint_is_refused(trained_run: Path, tmp_path: Path):
     import shutil
 

@@ -120,8 +120,17 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="PPO ratio against the behaviour policy, the learner (decoupled PPO), or auto: "
                    "the learner when the batch is stale (default: auto)")  # fmt: skip
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
-                   help="arithmetic of the PPO update: auto, fp32, or bf16 autocast (default: auto, "
-                   "bf16 where it pays and the CPU has native bf16, else fp32)")  # fmt: skip
+                   help="arithmetic of the PPO update: auto, fp32, or bf16 autocast; with --resume "
+                   "it replaces the run's setting (default: auto, bf16 where it pays and the CPU "
+                   "has native bf16, else fp32)")  # fmt: skip
+    p.add_argument("--channels-last", choices=["auto", "on", "off"], default=None,
+                   help="the PPO update's convolutions in channels-last memory format; with "
+                   "--resume it replaces the run's setting (default: auto, on where it pays on a "
+                   "CPU)")  # fmt: skip
+    p.add_argument("--compile", choices=["on", "off"], default=None,
+                   help="torch.compile the policy for the PPO update (a compile of a minute or "
+                   "more at each start); with --resume it replaces the run's setting "
+                   "(default: off)")  # fmt: skip
     p.add_argument("--learners", type=int_range(1, 1024), default=None,
                    help="data-parallel learner processes: NCCL with one GPU each, gloo with one CPU "
                    "each (default: 1)")  # fmt: skip
@@ -144,6 +153,28 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-restarts", type=int_range(0, 1000), default=None,
                    help="with --supervise: restarts in a row without a new checkpoint before the "
                    "run ends with an error (default: 5)")  # fmt: skip
+
+
+#: --channels-last / --compile values -> PPOConfig values
+_SWITCH = {"auto": None, "on": True, "off": False}
+
+
+def speed_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The PPO settings that change the update's speed, not its results, given on the command
+    line: precision, channels_last, compile (the ones a resumed run may change)."""
+    out: dict[str, Any] = {}
+    if getattr(args, "precision", None) is not None:
+        out["precision"] = args.precision
+    if getattr(args, "channels_last", None) is not None:
+        out["channels_last"] = _SWITCH[args.channels_last]
+    if getattr(args, "compile", None) is not None:
+        out["compile"] = _SWITCH[args.compile]
+    return out
+
+
+def _show(value: Any) -> str:
+    """A speed setting as the command line spells it."""
+    return value if isinstance(value, str) else {None: "auto", True: "on", False: "off"}[value]
 
 
 def build_train_config(args: argparse.Namespace):
@@ -180,12 +211,12 @@ def build_train_config(args: argparse.Namespace):
         ("seed", "seed"),
         ("attn_coef", "attn_coef"),
         ("proximal", "proximal"),
-        ("precision", "precision"),
     ):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
     if num_envs is not None:
         overrides["num_envs"] = num_envs
+    overrides |= speed_settings(args)
     ppo = PPOConfig.preset(preset, **overrides)
     env_options = parse_options(args.env_option, "--env-option")
     valid = {f.name for f in dataclasses.fields(EnvConfig) if f.init} - {
@@ -250,9 +281,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             if args.learners < 1:
                 raise LoupeError(f"--learners must be at least 1, got {args.learners}")
             config = dataclasses.replace(config, learners=args.learners)  # validated again
+        speed = {k: v for k, v in speed_settings(args).items() if getattr(config.ppo, k) != v}
+        for key, value in speed.items():  # in place: the derived sizes stay as they were
+            setattr(config.ppo, key, value)
+        config.ppo.check_ranges()
         trainer = Trainer(config, resume=True, progress=not args.no_progress)
-        if config.learners != TrainConfig.load(run.config_path).learners:
-            config.save(run.config_path)  # later resumes keep the new learner count
+        saved = TrainConfig.load(run.config_path)
+        for key, value in speed.items():
+            print(f"resumed with {key} {_show(value)} (was {_show(getattr(saved.ppo, key))})")
+        if config.learners != saved.learners or speed:
+            # later resumes keep the new settings; everything else stays as the run saved it
+            for key, value in speed.items():
+                setattr(saved.ppo, key, value)
+            saved.learners = config.learners
+            saved.save(run.config_path)
     else:
         config = build_train_config(args)
         check_out(config.run_dir, "--run-dir")
@@ -316,7 +358,7 @@ def supervise_train(args: argparse.Namespace) -> int:
                                 {"max_restarts": args.max_restarts}))  # fmt: skip
     loupe = [sys.executable, "-m", "loupe.cli", *(["-v"] if args.verbose else []), "train"]
     again = ["--resume", str(run.path)]
-    for flag in ("total_steps", "learners"):
+    for flag in ("total_steps", "learners", "precision", "channels_last", "compile"):
         if getattr(args, flag) is not None:
             again.append(f"--{flag.replace('_', '-')}={getattr(args, flag)}")
     if args.no_progress:

@@ -189,6 +189,7 @@ class RaySampler(_ActorPool):
         import ray
 
         from actors.rollout import RolloutActor, RolloutConfig
+        from loupe.train import actor_channels_last
 
         if config.inference == "central":
             raise LoupeError("use CentralSampler for --inference central")
@@ -209,6 +210,7 @@ class RaySampler(_ActorPool):
                     policy_options=config.policy_options,
                     seed=config.ppo.seed + 1000 * i,
                     torch_threads=1,
+                    channels_last=actor_channels_last(config),
                 )
             )
             for i in range(config.actors)
