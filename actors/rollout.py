@@ -37,6 +37,9 @@ class RolloutConfig:
     #: run the policy's convolutions in channels-last memory format (the same outputs to float
     #: tolerance; less CPU for the networks in ``learner.ppo.CHANNELS_LAST_PAYS``)
     channels_last: bool = False
+    #: keep freed memory in the glibc heap (``learner.ppo.tune_malloc``): the frames' float
+    #: copies and activations are then not page-faulted afresh at every step
+    malloc_tuning: bool = False
 
 
 @torch.no_grad()
@@ -64,6 +67,10 @@ class RolloutActor:
         from attention import build_policy
 
         self.config = config
+        if config.malloc_tuning:
+            from learner import ppo
+
+            ppo.tune_malloc()
         if config.torch_threads > 0:
             torch.set_num_threads(config.torch_threads)
         self.env = make_vec_env(config.env)

@@ -80,8 +80,8 @@ class PPOConfig:
     #: ("auto"): on for the policies where it was measured to pay on a CPU
     #: (``learner.ppo.CHANNELS_LAST_PAYS``), else off
     channels_last: bool | None = None
-    #: torch.compile the policy for the update: about 17% less CPU per sample for the
-    #: interpretable CNN (bf16, channels-last) after a compile of about 80 s at each start; off
+    #: torch.compile the policy for the update: 5-14% less CPU per sample for the interpretable
+    #: CNN (bf16, channels-last) after a compile of 35-80 s at each start (bench/profile.md); off
     #: by default (short runs and tests never earn the compile back)
     compile: bool = False
     #: gather each minibatch into buffers allocated once per batch (no per-minibatch allocation)

@@ -118,12 +118,13 @@ def _float_output(out: Any) -> Any:
 
 
 #: policies whose update was measured faster under bf16 autocast on a CPU with native bf16
-#: (bench/profile.md; 2-core AVX512-BF16 CPU, minibatch 2048, CPU ms per sample: IMPALA ~2x;
-#: the interpretable CNN 5.6 -> 2.5 with channels-last, 8.4 -> 3.3 without)
+#: (bench/profile.md, 2-core AVX512-BF16 CPU, minibatch 2048: IMPALA ~2x; the interpretable CNN
+#: 6.2 -> 3.1 CPU ms per sample with 1 thread, 6.8 -> 3.4 with 2; `loupe bench --only
+#: update_interpretable`)
 BF16_PAYS = frozenset({"impala", "interpretable"})
-#: policies whose update was measured faster in channels-last memory format on a CPU
-#: (bench/profile.md; the interpretable CNN, minibatch 2048, CPU ms per sample: bf16 3.4 -> 2.5,
-#: fp32 8.4 -> 5.6)
+#: policies whose update was measured faster in channels-last memory format on a CPU (same
+#: benchmark: the interpretable CNN in bf16 3.1 -> 2.1 CPU ms per sample with 1 thread, 3.4 ->
+#: 2.5 with 2; its 64-env inference 72 -> 46 CPU ms per step in bf16, 95 -> 87 in fp32)
 CHANNELS_LAST_PAYS = frozenset({"interpretable"})
 
 

@@ -7,6 +7,7 @@ the design (SPEC 3) are recorded next to the measurement so a reader sees the ga
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -212,6 +213,10 @@ class BenchConfig:
     steps: int = 2
     #: observations per IG comparison against Captum
     ig_batches: tuple[int, ...] = (16, 64, 256)
+    #: torch threads of the interpretable update/inference A/B runs, one run each (0: torch's)
+    update_threads: tuple[int, ...] = (0, 1)
+    #: sampler steps (64 envs each) per inference measurement of that run
+    inference_steps: int = 16
 
 
 def run_benchmarks(config: BenchConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -717,14 +722,21 @@ def update_step_worker(
     policy: str, overrides: dict[str, Any], minibatch: int, steps: int
 ) -> dict[str, Any]:
     """Adam steps/s of PPOLearner on one synthetic CoinRun minibatch of ``minibatch`` samples
-    (procgen preset, IMPALA CNN), with user/system CPU seconds of the timed steps."""
+    (procgen preset, IMPALA CNN), with user/system CPU seconds of the timed steps. The ratio is
+    taken against the behaviour policy (a stale synthetic batch would otherwise add a forward
+    pass for the proximal log-probabilities to every step)."""
     from attention import build_policy
     from learner import PPOConfig, PPOLearner, Rollout
 
     torch.manual_seed(0)
     t, n = minibatch // 64, 64
     cfg = PPOConfig.preset(
-        "procgen", num_envs=n, num_steps=t, num_minibatches=1, update_epochs=1, **overrides
+        "procgen",
+        num_envs=n,
+        num_steps=t,
+        num_minibatches=1,
+        update_epochs=1,
+        **{"proximal": "behaviour", **overrides},
     )
     learner = PPOLearner(build_policy(policy, (3, 64, 64), 15), cfg)
     rng = np.random.default_rng(0)
@@ -800,6 +812,202 @@ def bench_update(opts: dict[str, Any]) -> dict[str, Any]:
             ),  # fmt: skip
             "precision": runs[name][0]["precision"],
             "rounds": [r["samples_per_s"] for r in runs[name]],
+        }
+    return out
+
+
+#: the interpretable CNN's update configurations, alternated A B C ... A B C ... in one process
+#: (malloc tuning and reused buffers on in all). ``reference_l2_pool`` runs autograd's own chain
+#: for ReLU + L2 pooling instead of ``attention.nets.relu_l2_pool`` (the same numbers).
+UPDATE_AB: list[tuple[str, dict[str, Any]]] = [
+    ("fp32", dict(precision="fp32", channels_last=False, reference_l2_pool=True)),
+    ("fp32, fused l2 pool", dict(precision="fp32", channels_last=False)),
+    ("fp32, fused l2 pool, channels_last", dict(precision="fp32", channels_last=True)),
+    ("bf16", dict(precision="bf16", channels_last=False, reference_l2_pool=True)),
+    ("bf16, fused l2 pool", dict(precision="bf16", channels_last=False)),
+    ("bf16, channels_last", dict(precision="bf16", channels_last=True, reference_l2_pool=True)),
+    ("defaults (auto: bf16, fused l2 pool, channels_last)", dict()),
+    ("defaults, micro_batch 256", dict(micro_batch=256)),
+    ("defaults, micro_batch 512", dict(micro_batch=512)),
+    ("defaults, compile", dict(compile=True)),
+]
+#: sampler inference configurations (the policy on 64 envs' frames, as a rollout actor runs it)
+INFERENCE_AB: list[tuple[str, dict[str, Any]]] = [
+    ("fp32", dict(precision="fp32", channels_last=False)),
+    ("fp32, channels_last", dict(precision="fp32", channels_last=True)),
+    ("bf16", dict(precision="bf16", channels_last=False)),
+    ("bf16, channels_last", dict(precision="bf16", channels_last=True)),
+]
+
+
+def _synthetic_batch(t: int, n: int):
+    from learner import Rollout
+
+    rng = np.random.default_rng(0)
+    return Rollout(
+        obs=rng.integers(0, 256, (t, n, 3, 64, 64), dtype=np.uint8),
+        actions=rng.integers(0, 15, (t, n)),
+        logprobs=np.full((t, n), -np.log(15), np.float32),
+        values=rng.normal(size=(t, n)).astype(np.float32),
+        rewards=rng.normal(size=(t, n)).astype(np.float32),
+        dones=rng.random((t, n)) < 0.01,
+        last_obs=np.zeros((n, 3, 64, 64), np.uint8),
+        last_value=np.zeros(n, np.float32),
+        level_seeds=np.full((t, n), -1),
+    )
+
+
+def _cpu_wall(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(process CPU seconds, wall seconds) of one call of ``fn``."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.process_time() - c0, time.perf_counter() - t0
+
+
+def update_ab_worker(
+    policy: str,
+    minibatch: int,
+    steps: int,
+    rounds: int,
+    threads: int,
+    inference_steps: int,
+    only: list[str] | None = None,
+) -> dict[str, Any]:
+    """``UPDATE_AB`` and ``INFERENCE_AB`` alternated in this process -> CPU and wall seconds.
+
+    Each update measurement is ``steps`` Adam steps on one synthetic CoinRun minibatch of
+    ``minibatch`` samples (procgen preset, ratio against the behaviour policy: no extra forward
+    pass), after one warm-up step that also holds any compile (its wall time includes the
+    compile workers; its CPU time is this process's only). ``threads``: torch intra-op threads
+    (0: torch's default). ``only``: the names of the configurations to run (default: all).
+    """
+    import torch.nn.functional as F
+
+    import attention.nets as nets
+    from attention import build_policy
+    from learner import PPOConfig, PPOLearner
+    from learner.ppo import resolve_precision
+
+    if threads:
+        torch.set_num_threads(threads)
+    fused = nets.relu_l2_pool
+
+    def reference(z: torch.Tensor) -> torch.Tensor:
+        return nets.l2_pool(F.relu(z))
+
+    t, n = max(1, minibatch // 64), 64
+    rollout = _synthetic_batch(t, n)
+    learners, l2 = {}, {}
+    for name, overrides in UPDATE_AB:
+        if only is not None and name not in only:
+            continue
+        over = dict(overrides)
+        l2[name] = reference if over.pop("reference_l2_pool", False) else fused
+        cfg = PPOConfig.preset("procgen", num_envs=n, num_steps=t, num_minibatches=1,
+                               update_epochs=1, proximal="behaviour", **over)  # fmt: skip
+        torch.manual_seed(0)
+        learners[name] = PPOLearner(build_policy(policy, (3, 64, 64), 15), cfg)
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "update": {}, "inference": {}}
+
+    def run(name: str) -> None:
+        nets.relu_l2_pool = l2[name]
+        for _ in range(steps):
+            learners[name].update(rollout)
+
+    try:
+        for name, learner in learners.items():
+            nets.relu_l2_pool = l2[name]
+            cpu, wall = _cpu_wall(functools.partial(learner.update, rollout))
+            out["update"][name] = {
+                "precision": learner.precision, "channels_last": learner.channels_last,
+                "micro_batch": learner.cfg.micro_batch, "compile": learner.cfg.compile,
+                "warmup_cpu_s": cpu, "warmup_wall_s": wall, "cpu_ms_per_sample": [],
+                "wall_ms_per_sample": [], "load_average": [],
+            }  # fmt: skip
+        for _ in range(rounds):
+            for name in learners:
+                cpu, wall = _cpu_wall(functools.partial(run, name))
+                rec = out["update"][name]
+                rec["cpu_ms_per_sample"].append(1000 * cpu / (steps * t * n))
+                rec["wall_ms_per_sample"].append(1000 * wall / (steps * t * n))
+                rec["load_average"].append(os.getloadavg()[0])
+    finally:
+        nets.relu_l2_pool = fused
+    learners.clear()  # free the update buffers before the inference runs
+    from actors.rollout import sample_actions
+
+    obs = _synthetic_batch(1, n).obs[0]  # (64, 3, 64, 64) uint8
+    generator = torch.Generator().manual_seed(0)
+    policies = {}
+    for name, setting in INFERENCE_AB:
+        if only is not None and name not in only:
+            continue
+        torch.manual_seed(0)
+        net = build_policy(policy, (3, 64, 64), 15).eval()
+        if setting["channels_last"]:
+            net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        bf16 = resolve_precision(setting["precision"], torch.device("cpu"), policy) == "bf16"
+        policies[name] = (net, bf16)
+        out["inference"][name] = {"cpu_ms_per_step": [], "wall_ms_per_step": [], "load_average": []}
+
+    def act(name: str) -> None:
+        net, bf16 = policies[name]
+        for _ in range(inference_steps):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                sample_actions(net, obs, generator)
+
+    for name in policies:
+        act(name)  # warm-up
+    for _ in range(rounds):
+        for name in policies:
+            cpu, wall = _cpu_wall(functools.partial(act, name))
+            rec = out["inference"][name]
+            rec["cpu_ms_per_step"].append(1000 * cpu / inference_steps)
+            rec["wall_ms_per_step"].append(1000 * wall / inference_steps)
+            rec["load_average"].append(os.getloadavg()[0])
+    return out
+
+
+def _medians(records: dict[str, dict[str, Any]], base: str) -> dict[str, dict[str, Any]]:
+    """Each list of per-round figures -> its median (the rounds kept as ``<key>_rounds``), and
+    CPU per sample or step relative to the ``base`` record."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, rec in records.items():
+        row: dict[str, Any] = {}
+        for key, value in rec.items():
+            if isinstance(value, list):
+                row[key] = float(np.median(value))
+                row[f"{key}_rounds"] = value
+            else:
+                row[key] = value
+        out[name] = row
+    cpu_key = next(k for k in out[base] if k.startswith("cpu_ms_per") and "rounds" not in k)
+    for row in out.values():
+        row["cpu_vs_first"] = row[cpu_key] / out[base][cpu_key]
+    return out
+
+
+@benchmark("update_interpretable")
+def bench_update_interpretable(opts: dict[str, Any]) -> dict[str, Any]:
+    """The interpretable CNN's update (minibatch 2048 as in the procgen preset) and sampler
+    inference (64 envs) with each lever on and off, alternated A B A B in one process.
+
+    CPU seconds per sample (user + system of the whole process, all threads) are the figure to
+    compare on a shared machine; with 2 threads they include time one thread spins waiting for
+    the other when the machine is busy, so the run is repeated with 1 thread (the work alone).
+    """
+    out: dict[str, Any] = {"policy": "interpretable", "minibatch": opts["minibatch"],
+                           "steps": opts["steps"], "rounds": opts["rounds"],
+                           "inference_envs": 64, "inference_steps": opts["inference_steps"]}  # fmt: skip
+    for threads in opts["update_threads"]:
+        res = _in_subprocess(
+            "update_ab_worker", policy="interpretable", minibatch=opts["minibatch"],
+            steps=opts["steps"], rounds=opts["rounds"], threads=threads,
+            inference_steps=opts["inference_steps"],
+        )  # fmt: skip
+        out[f"threads_{res['threads']}"] = {
+            "update": _medians(res["update"], UPDATE_AB[0][0]),
+            "inference": _medians(res["inference"], INFERENCE_AB[0][0]),
         }
     return out
 

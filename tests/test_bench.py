@@ -89,6 +89,30 @@ def test_update_lever_worker_reports_rate_and_cpu_times():
     assert out["precision"] in ("fp32", "bf16")
 
 
+@pytest.mark.integration
+def test_interpretable_ab_worker_alternates_and_reports_cpu_per_sample_and_step():
+    from loupe.bench import _medians, update_ab_worker
+
+    names = ["fp32", "defaults (auto: bf16, fused l2 pool, channels_last)", "bf16, channels_last"]
+    out = update_ab_worker("interpretable", minibatch=64, steps=1, rounds=2, threads=1,
+                           inference_steps=1, only=names)  # fmt: skip
+    assert out["threads"] == 1 and set(out["update"]) == set(names)  # in UPDATE_AB's order
+    assert list(out["inference"]) == ["fp32", "bf16, channels_last"]
+    for rec in out["update"].values():
+        assert len(rec["cpu_ms_per_sample"]) == 2 and min(rec["cpu_ms_per_sample"]) > 0
+        assert rec["warmup_wall_s"] > 0 and len(rec["load_average"]) == 2
+    assert out["update"]["fp32"]["precision"] == "fp32"
+    assert out["update"]["fp32"]["channels_last"] is False
+    assert out["update"][names[1]]["channels_last"] is True  # the default on a CPU
+    assert all(v > 0 for v in out["inference"]["bf16, channels_last"]["cpu_ms_per_step"])
+    rows = _medians(out["update"], "fp32")
+    assert rows["fp32"]["cpu_vs_first"] == 1.0
+    assert rows[names[1]]["cpu_ms_per_sample"] == pytest.approx(
+        sorted(out["update"][names[1]]["cpu_ms_per_sample"])[0] / 2
+        + sorted(out["update"][names[1]]["cpu_ms_per_sample"])[1] / 2
+    )
+
+
 @pytest.mark.unit
 def test_merge_replaces_only_the_sections_this_run_writes(tmp_path, monkeypatch, capsys):
     import json

@@ -252,10 +252,10 @@ def test_state_dict_is_a_snapshot_not_a_view_of_the_live_optimiser():
 
 
 @pytest.mark.integration
-def test_channels_last_rollout_actor_samples_the_same_trajectory():
+def test_channels_last_rollout_actor_samples_the_same_trajectory(monkeypatch):
     """A rollout actor in channels-last memory format (the interpretable CNN's default on a CPU)
     takes the same actions in the same CoinRun levels, with log-probs and values to float
-    tolerance."""
+    tolerance; one with malloc_tuning applies it."""
     from actors import EnvConfig
     from actors.rollout import RolloutActor, RolloutConfig
     from loupe.train import TrainConfig, actor_channels_last
@@ -265,9 +265,13 @@ def test_channels_last_rollout_actor_samples_the_same_trajectory():
     weights = {k: v.numpy() for k, v in policy.state_dict().items()}
     env = EnvConfig("procgen:coinrun", num_envs=4, seed=3)
     rollouts = []
+    tuned: list[bool] = []
+    monkeypatch.setattr(ppo_mod, "tune_malloc", lambda: tuned.append(True) or True)
     for channels_last in (False, True):
         actor = RolloutActor(RolloutConfig(env=env, policy="interpretable", seed=1,
-                                           channels_last=channels_last))  # fmt: skip
+                                           channels_last=channels_last,
+                                           malloc_tuning=channels_last))  # fmt: skip
+        assert tuned == [True] * channels_last
         try:
             actor.set_weights(0, weights)
             if channels_last:

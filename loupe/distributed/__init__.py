@@ -211,6 +211,7 @@ class RaySampler(_ActorPool):
                     seed=config.ppo.seed + 1000 * i,
                     torch_threads=1,
                     channels_last=actor_channels_last(config),
+                    malloc_tuning=config.ppo.malloc_tuning,
                 )
             )
             for i in range(config.actors)
