@@ -726,7 +726,7 @@ def update_step_worker(
     taken against the behaviour policy (a stale synthetic batch would otherwise add a forward
     pass for the proximal log-probabilities to every step)."""
     from attention import build_policy
-    from learner import PPOConfig, PPOLearner, Rollout
+    from learner import PPOConfig, PPOLearner
 
     torch.manual_seed(0)
     t, n = minibatch // 64, 64
@@ -739,18 +739,7 @@ def update_step_worker(
         **{"proximal": "behaviour", **overrides},
     )
     learner = PPOLearner(build_policy(policy, (3, 64, 64), 15), cfg)
-    rng = np.random.default_rng(0)
-    rollout = Rollout(
-        obs=rng.integers(0, 256, (t, n, 3, 64, 64), dtype=np.uint8),
-        actions=rng.integers(0, 15, (t, n)),
-        logprobs=np.full((t, n), -np.log(15), np.float32),
-        values=rng.normal(size=(t, n)).astype(np.float32),
-        rewards=rng.normal(size=(t, n)).astype(np.float32),
-        dones=rng.random((t, n)) < 0.01,
-        last_obs=np.zeros((n, 3, 64, 64), np.uint8),
-        last_value=np.zeros(n, np.float32),
-        level_seeds=np.full((t, n), -1),
-    )
+    rollout = _synthetic_batch(t, n)
     learner.update(rollout)  # warm-up (and compile, if asked)
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(steps):
