@@ -99,6 +99,8 @@ var LOUPE = (function () {
 
   function route() {
     stopTimers();
+    // the page is ready again only once the new view has drawn (tests and scripts wait on this)
+    app.removeAttribute("data-ready");
     var h = parseHash(), vs = views();
     var view = h.view || (vs[0] && vs[0][0]);
     var nav = document.getElementById("nav");
