@@ -130,7 +130,7 @@ def procgen_kwargs(config: EvaluatorConfig) -> dict[str, Any]:
 
 def make_level_env(config: EvaluatorConfig, level: int):
     """A procgen env of one level: ``num_levels=1, start_level=level`` and the config's options."""
-    from actors.procgen_env import import_procgen
+    from actors.procgen_env import import_procgen, unpin_library
 
     ProcgenGym3Env = import_procgen().ProcgenGym3Env  # noqa: N806
 
@@ -142,6 +142,7 @@ def make_level_env(config: EvaluatorConfig, level: int):
         num_threads=0,
         **procgen_kwargs(config),
     )
+    unpin_library(env)
     if config.invisible:
         from actors.invisible import InvisibleHazards
 

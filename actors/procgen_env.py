@@ -47,6 +47,30 @@ def import_procgen():
     return procgen
 
 
+def unpin_library(env: Any) -> Any:
+    """Let ``env``'s handle on the procgen library go when ``env`` goes -> ``env``.
+
+    gym3 opens the library once per env through one cached cffi ``FFI``, which keeps every handle
+    (and its function cache) in lists of its own for good: a process that makes an env per level,
+    as the evaluator does, grows by ~10 kB per env forever. The first handle stays (the library is
+    never unloaded and reloaded); later ones are dropped from the FFI's lists, so each lives as
+    long as its env. A no-op on anything that is not a gym3 C env.
+    """
+    ffi, lib = getattr(env, "_ffi", None), getattr(env, "_c_lib", None)
+    libraries, caches = getattr(ffi, "_libraries", None), getattr(ffi, "_function_caches", None)
+    if lib is None or not isinstance(libraries, list) or not isinstance(caches, list):
+        return env
+    with ffi._lock:
+        paired = len(libraries) == len(caches)
+        for i in range(len(libraries) - 1, 0, -1):
+            if libraries[i] is lib:
+                del libraries[i]
+                if paired:
+                    del caches[i]
+                break
+    return env
+
+
 def _gym_notices() -> list[str]:
     try:
         from gym_notices.notices import notices
@@ -204,7 +228,7 @@ class ProcgenVecEnv(VecEnv):
         levels = {}
         if cfg.distribution_mode != "exploration":  # exploration mode fixes its own level
             levels = {"num_levels": cfg.num_levels, "start_level": cfg.start_level}
-        return ProcgenGym3Env(
+        env = ProcgenGym3Env(
             num=cfg.num_envs,
             env_name=cfg.game,
             distribution_mode=cfg.distribution_mode,
@@ -218,6 +242,7 @@ class ProcgenVecEnv(VecEnv):
             rand_seed=cfg.seed,
             **levels,
         )
+        return unpin_library(env)
 
     @staticmethod
     def _frames(obs: dict[str, np.ndarray]) -> np.ndarray:

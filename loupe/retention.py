@@ -25,6 +25,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from loupe.errors import LoupeError
 
@@ -45,7 +46,12 @@ def kept_in_full(index: int, keep_every: int) -> bool:
     return bool(keep_every) and index % keep_every == 0
 
 
-def prune_probe_dirs(probes_dir: str | Path, keep_last: int, keep_every: int) -> list[Path]:
+def prune_probe_dirs(
+    probes_dir: str | Path,
+    keep_last: int,
+    keep_every: int,
+    seen: dict[str, tuple[int, Any]] | None = None,
+) -> list[Path]:
     """Reduce old probe directories to their summary.json -> the directories pruned now.
 
     The ``keep_last`` newest finished directories (by step) keep everything, and so does every
@@ -54,24 +60,39 @@ def prune_probe_dirs(probes_dir: str | Path, keep_last: int, keep_every: int) ->
     ``keep_last=0`` keeps everything. The marker ``pruned.json`` is written before any file is
     removed, so a reader never takes a half-pruned directory for a whole one. Safe to run from
     several workers at once.
+
+    ``seen`` (a dict the caller keeps between calls) remembers each finished directory's step
+    and index, so a long-lived worker reads each summary.json once instead of all of them at
+    every checkpoint.
     """
     if keep_last < 0 or keep_every < 0:
         raise LoupeError("probe keep_last and keep_every must be >= 0")
     root = Path(probes_dir)
     if keep_last == 0 or not root.is_dir():
         return []
-    found: list[tuple[int, str, Path, dict]] = []
+    found: list[tuple[int, str, Path, Any]] = []
+    names: set[str] = set()
     for d in root.glob("step-*"):
-        try:
-            summary = json.loads((d / "summary.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # unfinished or not a probe directory: not ours to touch
-        if isinstance(summary, dict):
-            found.append((int(summary.get("step") or 0), d.name, d, summary))
+        names.add(d.name)
+        if seen is not None and d.name in seen:
+            step, index = seen[d.name]
+        else:
+            try:
+                summary = json.loads((d / "summary.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                continue  # unfinished or not a probe directory: not ours to touch
+            if not isinstance(summary, dict):
+                continue
+            step, index = int(summary.get("step") or 0), summary.get("index")
+            if seen is not None:
+                seen[d.name] = (step, index)
+        found.append((step, d.name, d, index))
+    if seen is not None:
+        for name in [n for n in seen if n not in names]:
+            del seen[name]
     found.sort(key=lambda item: item[:2])
     pruned = []
-    for position, (_, _, d, summary) in enumerate(found[:-keep_last] if keep_last else []):
-        index = summary.get("index")
+    for position, (_, _, d, index) in enumerate(found[:-keep_last] if keep_last else []):
         index = position if not isinstance(index, int) or isinstance(index, bool) else index
         if kept_in_full(index, keep_every) or is_pruned(d):
             continue

@@ -26,6 +26,8 @@ log = logging.getLogger("loupe.train")
 
 #: per-update figures kept in ``Trainer.history`` (everything else goes to TensorBoard only)
 HISTORY_KEYS = ("mean_return_100", "policy_lag", "steps_per_s", "sample_s", "update_s")
+#: updates kept in ``Trainer.history``: the newest ones, so a billion-step run's memory stays flat
+HISTORY_LEN = 20_000
 #: restarts of the run's private redis-server in a row without an announcement getting through
 REVIVE_IN_A_ROW = 3
 
@@ -162,7 +164,7 @@ class Trainer:
         self.version = 0
         self.returns: deque[float] = deque(maxlen=100)
         #: one small record per update of this process: step, mean_return_100, policy_lag, steps/s
-        self.history: list[dict[str, float]] = []
+        self.history: deque[dict[str, float]] = deque(maxlen=HISTORY_LEN)
         self.bus = None
         self.redis_server = None
         #: checkpoints saved but not yet announced (Redis was unreachable), oldest first

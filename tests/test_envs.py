@@ -465,3 +465,33 @@ def test_episode_record_is_a_frozen_dataclass():
     assert (e.outcome, e.level_seed) == (None, None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         e.ret = 3.0  # type: ignore[misc]
+
+
+@pytest.mark.integration
+def test_envs_made_one_per_level_leave_no_library_handles_behind():
+    """gym3's cached FFI kept every env's library handle: ~10 kB per env, forever."""
+    from actors.evaluator import EvaluatorConfig, make_level_env
+    from actors.procgen_env import import_procgen, unpin_library
+
+    def ffi_lists(env):
+        return len(env._ffi._libraries), len(env._ffi._function_caches)
+
+    first = make_level_env(EvaluatorConfig(), 0)
+    base = ffi_lists(first)
+    for level in range(1, 301):
+        env = make_level_env(EvaluatorConfig(), level)
+        env.act(np.zeros(1, dtype=np.int32))
+        assert env.observe()[1]["rgb"].shape == (1, 64, 64, 3)
+        del env
+    vec = make_vec_env(EnvConfig(env_id="procgen:coinrun", num_envs=2))
+    vec.reset()
+    vec.step(np.zeros(2, dtype=np.int64))
+    assert ffi_lists(first) == base  # one handle kept for the process, none per env
+    # without loupe's unpinning the lists grow by one per env: the test measures a real leak
+    raw = import_procgen().ProcgenGym3Env(num=1, env_name="coinrun")
+    assert ffi_lists(first) == (base[0] + 1, base[1] + 1)
+    unpin_library(raw)
+    assert ffi_lists(first) == base
+    # the first env still steps after all the others went
+    first.act(np.zeros(1, dtype=np.int32))
+    assert first.observe()[1]["rgb"].shape == (1, 64, 64, 3)

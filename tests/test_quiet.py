@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NOISE = ("gym", "Gym", "core_worker", "Token authentication", "Warning", "WARNING", "Traceback")
 
 
-def loupe(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+def loupe(*args: str, timeout: float = 400, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"} | extra_env
     return subprocess.run(
         [sys.executable, "-m", "loupe.cli", *args],
         capture_output=True,
@@ -42,20 +44,32 @@ def test_listing_commands_print_nothing_on_stderr(command):
 
 
 @pytest.mark.integration
-def test_train_with_a_ray_actor_and_evaluate_on_ray_are_quiet(tmp_path):
+def test_train_with_a_ray_actor_and_evaluate_on_ray_are_quiet_and_leave_no_ray_session(tmp_path):
+    """Each command's local Ray also takes its session directory (logs, sockets) with it: a run
+    restarted for days left one behind per start."""
     run = tmp_path / "run"
-    proc = loupe(
-        "train", "--env", "procgen:coinrun", "--policy", "nature", "--num-envs", "2",
-        "--num-steps", "16", "--minibatches", "2", "--epochs", "1", "--total-steps", "32",
-        "--actors", "1", "--no-progress", "--no-announce", "--run-dir", str(run),
-    )  # fmt: skip
-    assert_quiet(proc)
-    proc = loupe(
-        "evaluate", "--checkpoint", str(run), "--levels", "2", "--workers", "1", "--slots", "1",
-        "--chunk", "1", "--no-progress", "--out", str(tmp_path / "eval"),
-    )  # fmt: skip
-    assert_quiet(proc)
-    assert "taking its newest checkpoint" in proc.stdout and "complete" in proc.stdout
+    # a short path of its own: Ray's socket paths must fit in 107 bytes
+    ray_tmp = Path(tempfile.mkdtemp(prefix="lr", dir="/tmp"))
+    try:
+        proc = loupe(
+            "train", "--env", "procgen:coinrun", "--policy", "nature", "--num-envs", "2",
+            "--num-steps", "16", "--minibatches", "2", "--epochs", "1", "--total-steps", "32",
+            "--actors", "1", "--no-progress", "--no-announce", "--run-dir", str(run),
+            RAY_TMPDIR=str(ray_tmp),
+        )  # fmt: skip
+        assert_quiet(proc)
+        assert (ray_tmp / "ray").is_dir()  # the run's Ray lived here
+        assert not list((ray_tmp / "ray").glob("session_*")), list((ray_tmp / "ray").iterdir())
+        proc = loupe(
+            "evaluate", "--checkpoint", str(run), "--levels", "2", "--workers", "1", "--slots",
+            "1", "--chunk", "1", "--no-progress", "--out", str(tmp_path / "eval"),
+            RAY_TMPDIR=str(ray_tmp),
+        )  # fmt: skip
+        assert_quiet(proc)
+        assert "taking its newest checkpoint" in proc.stdout and "complete" in proc.stdout
+        assert not list((ray_tmp / "ray").glob("session_*")), list((ray_tmp / "ray").iterdir())
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.unit

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,39 @@ def test_probe_dirs_without_an_index_count_by_position(tmp_path):
     with pytest.raises(LoupeError, match=">= 0"):
         prune_probe_dirs(root2, keep_last=-1, keep_every=0)
     assert prune_probe_dirs(tmp_path / "none", 1, 1) == []
+
+
+@pytest.mark.unit
+def test_a_worker_reads_each_probe_summary_once_across_checkpoints(tmp_path, monkeypatch):
+    """A long run's worker prunes after every checkpoint: each summary.json is read once."""
+    root = tmp_path / "probes"
+    root.mkdir()
+    reads: list[str] = []
+    read_text = Path.read_text
+
+    def counting(self, *args, **kw):
+        if self.name == "summary.json":
+            reads.append(self.parent.name)
+        return read_text(self, *args, **kw)
+
+    monkeypatch.setattr(Path, "read_text", counting)
+    seen: dict = {}
+    dirs, pruned = [], []
+    for i in range(12):  # one checkpoint probed, then the worker prunes
+        dirs.append(probe_dir(root, 1000 * (i + 1), i))
+        pruned += prune_probe_dirs(root, keep_last=2, keep_every=4, seen=seen)
+    assert sorted(reads) == sorted(d.name for d in dirs)  # 12 reads, not 1 + 2 + ... + 12
+    assert pruned == [d for i, d in enumerate(dirs[:10]) if i % 4]
+    # the same outcome as one pass without the cache over a copy of the history
+    root2 = tmp_path / "probes2"
+    root2.mkdir()
+    dirs2 = [probe_dir(root2, 1000 * (i + 1), i) for i in range(12)]
+    assert [d.name for d in prune_probe_dirs(root2, 2, 4)] == [d.name for d in pruned]
+    assert all(is_pruned(d) == is_pruned(e) for d, e in zip(dirs, dirs2, strict=True))
+    # a directory that went away is forgotten
+    shutil.rmtree(dirs[0])
+    prune_probe_dirs(root, keep_last=2, keep_every=4, seen=seen)
+    assert dirs[0].name not in seen and len(seen) == 11
 
 
 @pytest.mark.unit

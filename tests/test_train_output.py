@@ -125,3 +125,20 @@ def test_rollout_reports_every_environment_step():
     finally:
         actor.close()
     assert seen == [3] * 5 and rollout.actions.size == sum(seen)
+
+
+@pytest.mark.integration
+def test_trainer_history_keeps_only_the_newest_updates(tmp_path, monkeypatch):
+    """Trainer.history gained one entry per update for good: ~1 kB per update, days of updates."""
+    import loupe.train
+    from learner import PPOConfig
+
+    monkeypatch.setattr(loupe.train, "HISTORY_LEN", 3)
+    ppo = PPOConfig.preset("procgen", num_envs=2, num_steps=16, num_minibatches=1,
+                           update_epochs=1, total_steps=32 * 5)  # fmt: skip
+    cfg = TrainConfig(env=EnvConfig("procgen:coinrun", num_envs=2), ppo=ppo, policy="nature",
+                      run_dir=str(tmp_path / "run"), announce=False, device="cpu")  # fmt: skip
+    trainer = loupe.train.Trainer(cfg, progress=False)
+    trainer.train()
+    assert [h["step"] for h in trainer.history] == [96.0, 128.0, 160.0]
+    assert all("steps_per_s" in h for h in trainer.history)

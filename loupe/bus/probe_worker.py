@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from loupe import heap
 from loupe.config import load_json
 from loupe.errors import LoupeError
 
@@ -85,6 +86,8 @@ class ProbeWorker:
         self.probe_config = probe_config or ProbeConfig()
         self.handled = 0
         self.writer = None
+        #: step and index of each finished probe directory, read once (see ``prune_probe_dirs``)
+        self._seen: dict[str, tuple[int, Any]] = {}
 
     # -- one entry ----------------------------------------------------------------------------
     def out_dir(self, step: int, sha256: str) -> Path:
@@ -129,6 +132,8 @@ class ProbeWorker:
                 log_probe_images(self.writer, result["out"], ann.step)
         self.bus.ack(group, delivery.entry_id)
         self._prune()
+        del summary, result
+        heap.release()  # one probe's cycles and freed pages: the worker returns to its level
         return "done" if first else "skipped"
 
     def _prune(self) -> None:
@@ -137,7 +142,10 @@ class ProbeWorker:
 
         try:
             pruned = prune_probe_dirs(
-                self.run_dir / "probes", self.config.keep_last, self.config.keep_every
+                self.run_dir / "probes",
+                self.config.keep_last,
+                self.config.keep_every,
+                seen=self._seen,
             )
         except OSError as exc:  # a full disk or a permission: the probing goes on
             log.warning("could not prune old probe directories: %s", exc)

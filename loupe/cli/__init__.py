@@ -499,8 +499,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             try:
                 status = int(args.func(args) or 0)
-            finally:
-                stop_local_ray()
+            except BaseException as exc:  # a defect keeps Ray's logs: they may say what went wrong
+                stop_local_ray(keep_logs=not isinstance(exc, (LoupeError, KeyboardInterrupt)))
+                raise
+            stop_local_ray()
         except LoupeError as exc:
             print(f"loupe: error: {exc}", file=sys.stderr)
             return 2
@@ -525,11 +527,15 @@ def internal_error_line(exc: BaseException) -> str:
     )
 
 
-def stop_local_ray() -> None:
-    """Shut down the Ray this process started or joined (its raylet and GCS end with it)."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+def stop_local_ray(keep_logs: bool = False) -> None:
+    """Shut down the Ray this process started or joined (its raylet and GCS end with it).
+
+    A local Ray's session directory goes with it, unless ``keep_logs``.
+    """
+    if sys.modules.get("ray") is not None:
+        from loupe.distributed import shutdown_ray
+
+        shutdown_ray(keep_logs=keep_logs)
 
 
 #: commands whose interruption can be resumed by running the same command again

@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +35,10 @@ ACTOR_RESTART_WAIT_S = 120
 #: rotation of the logs of a local Ray (each file at most 64 MB plus one old one), unless the
 #: environment sets these already
 RAY_LOG_ROTATION = {"RAY_ROTATION_MAX_BYTES": 64 << 20, "RAY_ROTATION_BACKUP_COUNT": 1}
+
+#: the session directory (logs, sockets) of the local Ray this process started; shutdown_ray
+#: removes it, so runs restarted for days leave no trail of them in Ray's temp directory
+_started_session: Path | None = None
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -71,7 +78,34 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
             f"cannot reach Ray at {address!r} ({first}); start one with `ray start --head` "
             "or leave out --ray-address for a local Ray"
         ) from None
+    if not address:
+        global _started_session
+        node = getattr(getattr(ray, "_private", None), "worker", None)
+        node = getattr(node, "_global_node", None)
+        try:
+            _started_session = Path(node.get_session_dir_path()) if node is not None else None
+        except (AttributeError, TypeError):  # a Ray without this private API: nothing removed
+            _started_session = None
     interrupt.rearm()  # SIGTERM again takes loupe's path (checkpoint, cleanup), not Ray's abort
+
+
+def shutdown_ray(keep_logs: bool = False) -> None:
+    """Shut down the Ray this process started or joined; a local one leaves no session directory.
+
+    ``keep_logs``: leave the local Ray's session directory (its logs) in place, as after a
+    defect, when they may say what went wrong.
+    """
+    global _started_session
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    session, _started_session = _started_session, None
+    if session is None or keep_logs or not session.name.startswith("session_"):
+        return
+    latest = session.parent / "session_latest"
+    if latest.is_symlink() and os.path.realpath(latest) == os.path.realpath(session):
+        latest.unlink(missing_ok=True)
+    shutil.rmtree(session, ignore_errors=True)
 
 
 def _quiet_logger(name: str, text: str) -> None:
