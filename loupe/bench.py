@@ -150,6 +150,58 @@ def bench_env(opts: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def env_memory_worker(steps: int, num_envs: int, every: int) -> dict[str, Any]:
+    """A rollout actor's CoinRun envs stepped ``steps`` times (random actions, unlimited easy
+    levels, the learner's malloc settings) -> RSS every ``every`` env steps."""
+    from actors import EnvConfig, make_vec_env
+    from learner import ppo
+
+    ppo.tune_malloc()
+    env = make_vec_env(EnvConfig("procgen:coinrun", num_envs=num_envs, seed=0,
+                                 num_levels=0, distribution_mode="easy"))  # fmt: skip
+    rng = np.random.default_rng(0)
+    env.reset()
+    done, episodes, points, started = 0, 0, [], time.perf_counter()
+    points.append({"steps": 0, "episodes": 0, "rss_mb": round(_rss_mb(), 2)})
+    while done < steps:
+        episodes += len(env.step(rng.integers(0, env.n_actions, size=num_envs))[3])
+        done += num_envs
+        if done % every < num_envs or done >= steps:
+            points.append({"steps": done, "episodes": episodes, "rss_mb": round(_rss_mb(), 2)})
+    env.close()
+    return {"points": points, "seconds": round(time.perf_counter() - started, 1)}
+
+
+@benchmark("env_memory", on_request=True)
+def bench_env_memory(opts: dict[str, Any]) -> dict[str, Any]:
+    """RSS of a rollout actor's 8 CoinRun envs over 2M env steps in a fresh process: the growth
+    while new levels warm procgen's heap up, and where it stops (the soak's actors are killed
+    before they get there)."""
+    steps, every = 2_000_000, 50_000
+    out = _in_subprocess("env_memory_worker", steps=steps, num_envs=8, every=every)
+    points = out["points"]
+
+    def growth(lo: int, hi: int) -> float:
+        at = {p["steps"] - p["steps"] % every: p["rss_mb"] for p in points}
+        return round(at[hi] - at[lo], 2)
+
+    half = steps // 2
+    return {
+        **out,
+        "num_envs": 8,
+        "growth_mb": {
+            "first_500k_steps": growth(0, 500_000),
+            "500k_to_1m_steps": growth(500_000, half),
+            "second_million_steps": growth(half, steps),
+        },  # fmt: skip
+    }
+
+
 @benchmark("train")
 def bench_train(opts: dict[str, Any]) -> dict[str, Any]:
     """In-process PPO training steps/s next to raw env and inference-only rates, same run."""

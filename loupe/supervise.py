@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,6 +106,36 @@ def newest_checkpoint(run_dir: Path) -> tuple[int, str] | None:
     if not names:
         return None
     return int(CHECKPOINT_JSON.search(names[-1]).group(1)), names[-1].removesuffix(".json")
+
+
+def ray_temp_root() -> Path:
+    """Where a local Ray keeps its session directories (Ray's rule: ``$RAY_TMPDIR`` or /tmp)."""
+    return Path(os.environ.get("RAY_TMPDIR") or "/tmp") / "ray"
+
+
+def remove_ray_sessions(pid: int, root: Path | None = None) -> list[Path]:
+    """Remove the session directories of local Rays started by process ``pid`` -> those removed.
+
+    Ray names them ``session_<date>_<time>_<microseconds>_<pid of the starting process>``; a
+    learner killed by a signal never removed its own, and a supervised run restarted for days
+    would leave one per death (logs, ~2 MB each). ``session_latest`` goes too when it points
+    at one of them.
+    """
+    root = ray_temp_root() if root is None else root
+    removed = []
+    with contextlib.suppress(OSError):
+        for d in root.glob(f"session_*_{int(pid)}"):
+            if d.is_dir() and not d.is_symlink() and d.name.rsplit("_", 1)[1] == str(pid):
+                removed.append(d)
+    latest = root / "session_latest"
+    with contextlib.suppress(OSError):
+        if latest.is_symlink() and Path(os.path.realpath(latest)) in {
+            Path(os.path.realpath(d)) for d in removed
+        }:
+            latest.unlink()
+    for d in removed:
+        shutil.rmtree(d, ignore_errors=True)
+    return removed
 
 
 def _kill_on_parent_death() -> Callable[[], None] | None:
@@ -222,9 +253,13 @@ class Supervisor:
                     self.child.kill()
 
     def _clean_up(self) -> None:
-        """Kill whatever the dead child left in its process group, then the caller's cleanup."""
+        """Kill whatever the dead child left in its process group, remove the session directory
+        of the local Ray a SIGKILLed child started (one that could exit removed its own, or
+        kept it after a defect, for its logs), then the caller's cleanup."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.child.pid, signal.SIGKILL)  # the group outlives its leader
+        if self.child.returncode == -signal.SIGKILL:
+            remove_ray_sessions(self.child.pid)
         if self.cleanup is not None:
             self.cleanup()
 

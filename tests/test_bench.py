@@ -149,3 +149,15 @@ def test_merge_into_a_file_that_is_not_json_stops_before_running(tmp_path, monke
         assert out.read_text() == text and not ran
     assert main(["bench", "--gpu", "--merge", "--out", str(out)]) == 2
     assert "--merge" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_env_memory_worker_samples_rss_along_the_steps():
+    from loupe.bench import BENCHMARKS, ON_REQUEST, env_memory_worker
+
+    out = env_memory_worker(steps=4000, num_envs=4, every=1000)
+    steps = [p["steps"] for p in out["points"]]
+    assert steps == [0, 1000, 2000, 3000, 4000]
+    assert all(p["rss_mb"] > 50 for p in out["points"])
+    assert out["points"][-1]["episodes"] >= 1  # random CoinRun play ends episodes within 1000 steps
+    assert "env_memory" in ON_REQUEST and "env_memory" in BENCHMARKS

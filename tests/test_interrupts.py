@@ -62,10 +62,11 @@ class Loupe:
     """`python -m loupe.cli ...` in the background; stdout and stderr collected by threads, and
     every process below it recorded while it runs."""
 
-    def __init__(self, *args: str, cwd: Path | None = None):
+    def __init__(self, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "loupe.cli", *args], stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, cwd=cwd, start_new_session=True,
+            env=None if env is None else os.environ | env,
         )  # fmt: skip
         self.out: list[str] = []
         self.err: list[str] = []

@@ -295,3 +295,17 @@ def test_channels_last_rollout_actor_samples_the_same_trajectory(monkeypatch):
     assert not actor_channels_last(
         dataclasses.replace(config, ppo=PPOConfig(num_envs=4, channels_last=False))
     )
+
+
+@pytest.mark.unit
+def test_the_study_trains_the_shipped_settings_on_any_cpu(monkeypatch):
+    """`loupe study edits --train` asked for bf16 outright: refused on a CPU without it."""
+    from loupe.cli.study import TRAIN_SETTINGS
+
+    cpu, precision = torch.device("cpu"), TRAIN_SETTINGS["precision"]
+    have = ppo_mod.cpu_bf16_feature() is not None
+    assert resolve_precision(precision, cpu, TRAIN_SETTINGS["policy"]) == (
+        "bf16" if have else "fp32"
+    )
+    monkeypatch.setattr(ppo_mod, "cpu_bf16_feature", lambda: None)
+    assert resolve_precision(precision, cpu, TRAIN_SETTINGS["policy"]) == "fp32"

@@ -6,8 +6,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from loupe.supervise import (
     is_abnormal,
     newest_checkpoint,
     read_state,
+    remove_ray_sessions,
 )
 
 #: the stand-in learner: attempt k (counted in RUN/attempts) does PLAN[k], one of
@@ -238,6 +241,29 @@ def test_what_a_killed_child_left_in_its_process_group_is_killed(tmp_path):
     assert json.loads((run / "supervise.json").read_text())["restarts"] == 1
 
 
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.unit
+def test_ray_sessions_of_a_dead_pid_are_removed_and_no_other(tmp_path):
+    root = tmp_path / "ray"
+    mine = root / "session_2026-12-01_10-00-00_123456_4242"
+    older = root / "session_2026-11-30_09-00-00_000001_4242"
+    other = root / "session_2026-12-01_10-00-01_123456_14242"  # ends in the pid's digits
+    for d in (mine, older, other):
+        (d / "logs").mkdir(parents=True)
+        (d / "logs" / "raylet.out").write_text("log")
+    (root / "session_latest").symlink_to(mine)
+    assert sorted(remove_ray_sessions(4242, root)) == sorted([mine, older])
+    assert not mine.exists() and not older.exists() and other.is_dir()
+    assert not (root / "session_latest").is_symlink()
+    (root / "session_latest").symlink_to(other)
+    assert remove_ray_sessions(4242, root) == [] and (root / "session_latest").is_symlink()
+    assert remove_ray_sessions(1, tmp_path / "none") == []
+
+
 # -- a real training ---------------------------------------------------------------------------
 @pytest.mark.integration
 def test_sigkilled_learner_is_restarted_and_the_run_completes(tmp_path):
@@ -247,13 +273,21 @@ def test_sigkilled_learner_is_restarted_and_the_run_completes(tmp_path):
 
     run = tmp_path / "run"
     total = 320  # 10 updates of 2 envs x 16 steps, a checkpoint every 2
+    # a short path of its own: Ray's socket paths must fit in 107 bytes
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ls", dir="/tmp"))
     train = Loupe("train", *TINY, "--total-steps", str(total), "--checkpoint-every", "2",
-                  "--actors", "1", "--no-progress", "--run-dir", str(run), "--supervise")  # fmt: skip
+                  "--actors", "1", "--no-progress", "--run-dir", str(run), "--supervise",
+                  env={"RAY_TMPDIR": str(ray_tmp)})  # fmt: skip
     train.wait_for(lambda: checkpoint_steps(run) and read_state(run).get("child_pid")
                    and {"raylet", "redis-server"} <= set(train.seen.values()),
                    what="a first checkpoint with Ray and Redis up")  # fmt: skip
     first = read_state(run)["child_pid"]
+    before = rss_mb(train.proc.pid)
     os.kill(first, signal.SIGKILL)
+    train.wait_for(lambda: read_state(run).get("restarts") == 1, what="the restart")
+    # found by the soak: the clean-up's first use of the Redis client stepped the supervisor's
+    # memory up by ~13 MB at the first restart
+    assert rss_mb(train.proc.pid) < before + 3, (before, rss_mb(train.proc.pid))
     status = train.proc.wait(300)
     text = train.text
     assert status == 0, text[-3000:]
@@ -273,6 +307,12 @@ def test_sigkilled_learner_is_restarted_and_the_run_completes(tmp_path):
     # nothing of either learner is left: its Ray, its workers, the private redis-server
     left = train.left_behind()
     assert not left, f"left running: {left}"
+    # nor a Ray session directory: the killed learner's is removed by the supervisor, the
+    # second learner's by itself
+    used = (ray_tmp / "ray").is_dir()
+    sessions = list((ray_tmp / "ray").glob("session_*"))
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert used and not sessions, sessions
     # each checkpoint written is announced once, in order (the AOF of the run's Redis, replayed)
     with RedisServer(run / "redis") as server:
         bus = CheckpointBus(connect(server.url), run.name)

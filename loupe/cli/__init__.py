@@ -345,6 +345,10 @@ def train_argv(args: argparse.Namespace, drop: tuple[str, ...] = ("supervise", "
 
 def supervise_train(args: argparse.Namespace) -> int:
     """`loupe train --supervise`: the training in a child process, restarted when it dies."""
+    # the clean-up after a death talks to the run's redis-server: its client library (~13 MB)
+    # is loaded now, so the supervisor's memory does not step up at the first restart
+    import redis  # noqa: F401
+
     from loupe.bus.redis_server import stop_leftover
     from loupe.rundir import RunDir
     from loupe.supervise import SuperviseConfig, Supervisor

@@ -13,7 +13,8 @@ TRAIN_SETTINGS = {
     "policy": "interpretable",
     "preset": "procgen",
     "env_option": ["num_levels=0", "distribution_mode=easy"],
-    "precision": "bf16",
+    # bf16 where the CPU has it (the shipped agent's), fp32 elsewhere, instead of refusing to run
+    "precision": "auto",
     "checkpoint_every": 4,
 }
 
