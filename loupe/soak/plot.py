@@ -105,7 +105,8 @@ def plot_soak(report: dict[str, Any], samples: Sequence[dict[str, Any]], path: s
     fig.suptitle(
         f"loupe soak: {report.get('duration_s', 0) / 60:.1f} min, checkpoints written/announced/"
         f"probed {counts.get('written')}/{counts.get('announced')}/{counts.get('probed')}, "
-        f"{len(report.get('kills', []))} kills (shared 2-core machine)"
+        f"{len(report.get('kills', []))} kills ({report.get('machine', {}).get('cpus', '?')} "
+        "CPU cores)"
     )
     fig.tight_layout()
     path = Path(path)

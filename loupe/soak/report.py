@@ -35,9 +35,9 @@ RECOVERY_TARGET_S = 60.0
 DISK_TARGET_GB = 50.0
 
 NOTE = (
-    "Measured on a shared 2-core machine without a GPU: other people's tests and builds and a "
-    "long background training (nice 19) ran at the same time, so throughput, stall lengths and "
-    "recovery times are those of a loaded machine. Slopes are least-squares fits after the "
+    "Throughput, stall lengths and recovery times depend on what else the machine ran: see "
+    "machine (cores, load average at the end; the soak's own learner, 2 actors and probe "
+    "worker keep a 2-core machine's load near 4). Slopes are least-squares fits after the "
     "warm-up with one intercept per process lifetime and per span between kills (a restarted "
     "process starts at its own level; one that lives through a kill may step once), in MB (or "
     "descriptors) per 10 minutes, with their standard errors; the level steps at the kills and "
