@@ -17,6 +17,7 @@ def test_unknown_benchmark_is_refused():
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # both placements also train in test_placement; this checks the benchmark's sums
 def test_pipeline_benchmark_reports_both_placements():
     import ray
 

@@ -282,6 +282,7 @@ def probe_results(run: Path) -> list[dict]:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # the SIGTERM test of three workers below shares one Redis as well
 @pytest.mark.timeout(1200)  # three probes on two cores
 def test_two_probe_workers_share_the_runs_redis_and_probe_each_checkpoint_once(
     announced_run, tmp_path
