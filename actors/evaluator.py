@@ -130,11 +130,9 @@ def procgen_kwargs(config: EvaluatorConfig) -> dict[str, Any]:
 
 def make_level_env(config: EvaluatorConfig, level: int):
     """A procgen env of one level: ``num_levels=1, start_level=level`` and the config's options."""
-    from actors.procgen_env import import_procgen, unpin_library
+    from actors.procgen_env import gym3_env
 
-    ProcgenGym3Env = import_procgen().ProcgenGym3Env  # noqa: N806
-
-    env = ProcgenGym3Env(
+    env = gym3_env(
         num=1,
         env_name=config.game,
         num_levels=1,
@@ -142,7 +140,6 @@ def make_level_env(config: EvaluatorConfig, level: int):
         num_threads=0,
         **procgen_kwargs(config),
     )
-    unpin_library(env)
     if config.invisible:
         from actors.invisible import InvisibleHazards
 

@@ -131,13 +131,11 @@ class FailureClassifier:
             raise LoupeError(
                 "pass procgen options either in FailureConfig or as keywords, not both"
             )
-        from actors.procgen_env import import_procgen, unpin_library
-
-        ProcgenGym3Env = import_procgen().ProcgenGym3Env  # noqa: N806
+        from actors.procgen_env import gym3_env
 
         self.config = config
         options = {"num_levels": 1, "start_level": 0, "num_threads": 0, **config.env_options}
-        self.env = unpin_library(ProcgenGym3Env(num=1, env_name="coinrun", **options))
+        self.env = gym3_env(num=1, env_name="coinrun", **options)
         self.replays = 0
 
     def replay(self, state: bytes, action: int) -> StepResult:

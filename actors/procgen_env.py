@@ -71,6 +71,12 @@ def unpin_library(env: Any) -> Any:
     return env
 
 
+def gym3_env(**kwargs: Any) -> Any:
+    """``procgen.ProcgenGym3Env(**kwargs)`` whose library handle goes with it (``unpin_library``):
+    every procgen env loupe makes comes from here."""
+    return unpin_library(import_procgen().ProcgenGym3Env(**kwargs))
+
+
 def _gym_notices() -> list[str]:
     try:
         from gym_notices.notices import notices
@@ -222,13 +228,11 @@ class ProcgenVecEnv(VecEnv):
         self._started = False  # reset() has been called
 
     def _make(self) -> Any:
-        ProcgenGym3Env = import_procgen().ProcgenGym3Env  # noqa: N806
-
         cfg = self.config
         levels = {}
         if cfg.distribution_mode != "exploration":  # exploration mode fixes its own level
             levels = {"num_levels": cfg.num_levels, "start_level": cfg.start_level}
-        env = ProcgenGym3Env(
+        return gym3_env(
             num=cfg.num_envs,
             env_name=cfg.game,
             distribution_mode=cfg.distribution_mode,
@@ -242,7 +246,6 @@ class ProcgenVecEnv(VecEnv):
             rand_seed=cfg.seed,
             **levels,
         )
-        return unpin_library(env)
 
     @staticmethod
     def _frames(obs: dict[str, np.ndarray]) -> np.ndarray:

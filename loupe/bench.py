@@ -198,7 +198,7 @@ def bench_env_memory(opts: dict[str, Any]) -> dict[str, Any]:
             "first_500k_steps": growth(0, 500_000),
             "500k_to_1m_steps": growth(500_000, half),
             "second_million_steps": growth(half, steps),
-        },  # fmt: skip
+        },
     }
 
 

@@ -132,7 +132,6 @@ class ProbeWorker:
                 log_probe_images(self.writer, result["out"], ann.step)
         self.bus.ack(group, delivery.entry_id)
         self._prune()
-        del summary, result
         heap.release()  # one probe's cycles and freed pages: the worker returns to its level
         return "done" if first else "skipped"
 

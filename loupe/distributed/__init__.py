@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -100,12 +99,10 @@ def shutdown_ray(keep_logs: bool = False) -> None:
     if ray is not None and ray.is_initialized():
         ray.shutdown()
     session, _started_session = _started_session, None
-    if session is None or keep_logs or not session.name.startswith("session_"):
-        return
-    latest = session.parent / "session_latest"
-    if latest.is_symlink() and os.path.realpath(latest) == os.path.realpath(session):
-        latest.unlink(missing_ok=True)
-    shutil.rmtree(session, ignore_errors=True)
+    if session is not None and not keep_logs:
+        from loupe.supervise import remove_ray_sessions
+
+        remove_ray_sessions(os.getpid(), session.parent)  # Ray names it after this process
 
 
 def _quiet_logger(name: str, text: str) -> None:
