@@ -12,6 +12,8 @@ import weakref
 
 import numpy as np
 
+from loupe.shm import BUFFER_PREFIX, remove_stale_buffers
+
 
 @dataclasses.dataclass
 class Rollout:
@@ -125,15 +127,22 @@ class SharedObs:
     ``acquire()`` reserves a buffer for one batch until ``release``; after that, a buffer is free
     again once nothing outside the pool references it (a Rollout still held keeps its buffer).
     A new one is added while all are in use, up to ``max_buffers`` (then None: that batch goes
-    the ordinary way). A buffer's file is removed once every actor has
-    mapped it (``mapped``), and all are at ``close`` or exit; mappings outlive the files.
+    the ordinary way). The files stay while the pool lives, so that an actor Ray restarts maps
+    them as the one it replaces did (a restarted actor sending its frames through the object
+    store instead would cost a copy per batch, and the learner's memory a step at every actor
+    death); they go at ``close`` or exit, and those of a learner that was SIGKILLed go with the
+    next pool made in the same directory or the supervisor's clean-up
+    (``remove_stale_buffers``).
     """
 
     def __init__(self, shape: tuple[int, ...], directory: str = "/dev/shm", max_buffers: int = 4):
         self.shape = tuple(int(d) for d in shape)
         self.directory = directory
         self.max_buffers = max_buffers
-        self.prefix = os.path.join(directory, f"loupe-obs-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        remove_stale_buffers(directory)
+        self.prefix = os.path.join(
+            directory, f"{BUFFER_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        )
         self.paths: list[str] = []
         self.arrays: list[np.ndarray] = []
         #: buffers handed out by ``acquire`` and not yet ``release``d (being filled)
@@ -165,11 +174,6 @@ class SharedObs:
     def release(self, i: int) -> None:
         """Buffer ``i`` is filled and handed to its user: from now on, references keep it."""
         self.reserved.discard(i)
-
-    def mapped(self, i: int) -> None:
-        """Every actor has buffer ``i`` mapped: its file can go (actors started later, e.g.
-        restarted ones, find no file and send their frames the ordinary way)."""
-        _unlink(self.paths[i])
 
     @property
     def nbytes(self) -> int:

@@ -36,6 +36,7 @@ from typing import TextIO
 
 from loupe.errors import LoupeError
 from loupe.rundir import CHECKPOINT_JSON, checkpoint_names
+from loupe.shm import remove_stale_buffers
 
 #: exit statuses that are never restarted: done, bad input, interrupted (SIGINT, SIGTERM)
 DONE, BAD_INPUT = 0, 2
@@ -255,11 +256,13 @@ class Supervisor:
     def _clean_up(self) -> None:
         """Kill whatever the dead child left in its process group, remove the session directory
         of the local Ray a SIGKILLed child started (one that could exit removed its own, or
-        kept it after a defect, for its logs), then the caller's cleanup."""
+        kept it after a defect, for its logs) and its shared-memory frame buffers, then the
+        caller's cleanup."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.child.pid, signal.SIGKILL)  # the group outlives its leader
         if self.child.returncode == -signal.SIGKILL:
             remove_ray_sessions(self.child.pid)
+            remove_stale_buffers(pid=self.child.pid)
         if self.cleanup is not None:
             self.cleanup()
 

@@ -3,6 +3,7 @@ signals, in-process supervisor), then a real training whose learner is killed wi
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -282,9 +283,12 @@ def test_sigkilled_learner_is_restarted_and_the_run_completes(tmp_path):
                    and {"raylet", "redis-server"} <= set(train.seen.values()),
                    what="a first checkpoint with Ray and Redis up")  # fmt: skip
     first = read_state(run)["child_pid"]
+    buffers = glob.glob(f"/dev/shm/loupe-obs-{first}-*")  # the learner's shared frame buffers
     before = rss_mb(train.proc.pid)
     os.kill(first, signal.SIGKILL)
     train.wait_for(lambda: read_state(run).get("restarts") == 1, what="the restart")
+    # a SIGKILLed learner cannot remove its buffers from /dev/shm (memory): the clean-up does
+    assert buffers and not glob.glob(f"/dev/shm/loupe-obs-{first}-*"), buffers
     # found by the soak: the clean-up's first use of the Redis client stepped the supervisor's
     # memory up by ~13 MB at the first restart
     assert rss_mb(train.proc.pid) < before + 3, (before, rss_mb(train.proc.pid))

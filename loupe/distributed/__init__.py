@@ -184,6 +184,14 @@ def actor_env_config(env, index: int, envs_per_actor: int):
     return dataclasses.replace(env, num_envs=envs_per_actor, seed=env.seed + 1000 * index)
 
 
+def forget_frames(exc: BaseException) -> None:
+    """Drop the traceback of a Ray error caught from ``ray.get``: Ray keeps the error of a
+    failed ref and raises that same object at every get, so its traceback holds the catching
+    frames (and the ref, and whatever batch they hold) in a cycle through Ray that gc cannot
+    see: without this, every actor death would keep one batch for good."""
+    exc.__traceback__ = None
+
+
 def not_back(what: str) -> LoupeError:
     """The error for a Ray actor that did not restart within ACTOR_RESTART_WAIT_S."""
     return LoupeError(
@@ -304,8 +312,7 @@ class RaySampler(_ActorPool):
         rollout = concat_rollouts(parts, self.envs, obs=obs)
         if b is not None:
             self.shared.release(b)  # the rollout holds it now
-            if all(p.obs is None for p in parts):
-                self.shared.mapped(b)
+        copied = sum(p.obs is not None for p in parts)
         t2 = time.perf_counter()
         del parts, obs
         if self.lag >= 1:
@@ -315,6 +322,8 @@ class RaySampler(_ActorPool):
             # from every batch ready to the joined rollout: the transfer on the learner's side
             "transfer_s": t2 - t1,
             "shared_obs": float(b is not None),
+            # actors whose frames came through the object store (another node, or no buffer)
+            "obs_copied_actors": float(copied),
             "actor_failures": float(self.actor_failures),
         }
 
@@ -333,12 +342,14 @@ class RaySampler(_ActorPool):
         while True:
             try:
                 return ray.get(ref)
-            except ActorUnavailableError:
+            except ActorUnavailableError as exc:
+                forget_frames(exc)  # or collect's batch, a whole shared buffer, stays held
                 # restarting (its constructor builds the envs again): wait, bounded, and resubmit
                 if time.monotonic() > deadline:
                     raise not_back(f"rollout actor {i}") from None
                 time.sleep(0.5)
             except RayActorError as exc:
+                forget_frames(exc)
                 deaths += 1
                 if deaths > ACTOR_MAX_RESTARTS:
                     raise LoupeError(
@@ -460,6 +471,7 @@ class CentralSampler(_ActorPool):
         try:
             return ray.get(ref)
         except (ActorUnavailableError, RayActorError) as exc:
+            forget_frames(exc)  # or the batch being built stays held
             self.actor_failures += 1
             if self.actor_failures > ACTOR_MAX_RESTARTS * len(self.actors):
                 raise LoupeError(
@@ -473,7 +485,8 @@ class CentralSampler(_ActorPool):
             try:
                 obs, seeds = ray.get(self.actors[i].current.remote())
                 break
-            except (ActorUnavailableError, RayActorError):
+            except (ActorUnavailableError, RayActorError) as exc:
+                forget_frames(exc)
                 if time.monotonic() > deadline:
                     raise not_back(f"env stepper {i}") from None
                 time.sleep(0.5)

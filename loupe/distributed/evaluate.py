@@ -370,7 +370,7 @@ def _run_on_ray(target: Target, todo: list[int], cfg: EvalConfig, writer, bar) -
     import ray
     from ray.exceptions import RayActorError
 
-    from loupe.distributed import check_cpus, init_ray
+    from loupe.distributed import check_cpus, forget_frames, init_ray
 
     init_ray(cfg.ray_address)
     check_cpus(cfg.workers)
@@ -401,7 +401,8 @@ def _run_on_ray(target: Target, todo: list[int], cfg: EvalConfig, writer, bar) -
             w, chunk, actor = in_flight.pop(ready[0])
             try:
                 results = ray.get(ready[0])
-            except RayActorError:
+            except RayActorError as exc:
+                forget_frames(exc)  # or this frame, and the results so far, outlive the run
                 if workers[w] is actor:  # the first of its lost chunks replaces the evaluator
                     workers[w] = start()
                 failures += 1
