@@ -3,6 +3,7 @@ stall detection, the written/announced/probed accounting, the step order, proces
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -96,7 +97,9 @@ def test_report_slopes_find_the_leaking_role_and_ignore_restarts():
     for k in range(120):
         t = 5.0 * k
         rows = [  # the learner leaks 2 MB/min; the actor restarts at t=300 lower, flat otherwise
-            {"key": "1-1", "role": "learner", "rss_mb": 600 + 2 * t / 60, "fds": 30, "cpu_s": t},
+            # of which 1.5 MB/min in pages it shares (e.g. the object store's), 0.5 its own
+            {"key": "1-1", "role": "learner", "rss_mb": 600 + 2 * t / 60,
+             "private_mb": 400 + 0.5 * t / 60, "fds": 30, "cpu_s": t},
             {"key": "2-1" if t < 300 else "3-9", "role": "rollout_actor",
              "rss_mb": 760.0 if t < 300 else 700.0, "fds": 40, "cpu_s": t},
         ]  # fmt: skip
@@ -108,6 +111,8 @@ def test_report_slopes_find_the_leaking_role_and_ignore_restarts():
     assert rss["learner"]["slope_per_10min"] == pytest.approx(20.0) and not rss["learner"]["ok"]
     assert rss["rollout_actor"]["slope_per_10min"] == pytest.approx(0.0, abs=1e-9)
     assert rss["rollout_actor"]["ok"] and rss["rollout_actor"]["segments"] == 2
+    own = out["private_mb_per_10min"]
+    assert own["learner"]["slope_per_10min"] == pytest.approx(5.0) and "rollout_actor" not in own
     assert out["run_dir_mb_per_10min"]["total"]["slope_per_10min"] == pytest.approx(10.0)
     assert out["redis_used_memory_mb_per_10min"]["slope_per_10min"] is None  # never sampled
 
@@ -297,6 +302,45 @@ def test_tree_sees_only_this_process_descendants():
         child.kill()
         child.wait()
     assert child.pid not in {p.pid for p in P.tree()}
+
+
+@pytest.mark.integration
+def test_shared_pages_are_told_apart_from_private_memory(tmp_path):
+    """50 MB of a /dev/shm mapping touched by a child count in its RSS and its shared pages,
+    not in its private memory; 50 MB of its own heap count in its private memory."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    path = f"/dev/shm/loupe-test-{os.getpid()}"
+    code = (
+        "import mmap, sys, time\n"
+        f"f = open({path!r}, 'w+b'); f.truncate(50 << 20)\n"
+        "m = mmap.mmap(f.fileno(), 50 << 20)\n"
+        "sys.stdout.write('a\\n'); sys.stdout.flush(); sys.stdin.readline()\n"
+        "m[:] = b'x' * (50 << 20)\n"
+        "sys.stdout.write('b\\n'); sys.stdout.flush(); sys.stdin.readline()\n"
+        "h = bytearray(b'y' * (50 << 20))\n"
+        "sys.stdout.write('c\\n'); sys.stdout.flush(); sys.stdin.readline()\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    seen = []
+    try:
+        for _ in range(3):
+            child.stdout.readline()
+            p = P.read_proc(child.pid)
+            seen.append((p.rss_bytes, p.shared_bytes))
+            child.stdin.write("\n")
+            child.stdin.flush()
+        child.wait(30)
+    finally:
+        child.kill()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    mb = 1 << 20
+    (r0, s0), (r1, s1), (r2, s2) = seen
+    assert r1 - r0 > 45 * mb and s1 - s0 > 45 * mb  # the shared mapping: RSS and shared
+    assert abs((r1 - s1) - (r0 - s0)) < 5 * mb  # private memory unchanged
+    assert (r2 - s2) - (r1 - s1) > 45 * mb and abs(s2 - s1) < 5 * mb  # the heap: private
 
 
 @pytest.mark.unit

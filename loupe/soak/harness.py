@@ -413,7 +413,7 @@ class Soak:
         procs = self.tree(count_fds=True)
         rows = [
             {"key": p.key, "pid": p.pid, "role": p.role, "rss_mb": p.rss_bytes / MB,
-             "fds": p.fds, "cpu_s": p.cpu_s}
+             "private_mb": (p.rss_bytes - p.shared_bytes) / MB, "fds": p.fds, "cpu_s": p.cpu_s}
             for p in procs if p.role != "zombie"
         ]  # fmt: skip
         session = P.ray_session_dir(procs)

@@ -40,6 +40,9 @@ class Proc:
     cpu_s: float
     fds: int | None
     role: str = "other"
+    #: resident pages backed by files or shared memory (libraries, Ray's object store, /dev/shm
+    #: frame buffers): rss_bytes minus this is the process's private (anonymous) memory
+    shared_bytes: int = 0
 
     @property
     def key(self) -> str:
@@ -140,7 +143,8 @@ def read_proc(pid: int, count_fds: bool = True) -> Proc | None:
     ppid, start, state, cpu = stat
     try:
         cmdline = [c for c in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if c]
-        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+        statm = Path(f"/proc/{pid}/statm").read_text().split()
+        pages, shared = int(statm[1]), int(statm[2])
     except (OSError, IndexError, ValueError):
         return None
     fds = None
@@ -150,7 +154,7 @@ def read_proc(pid: int, count_fds: bool = True) -> Proc | None:
         except OSError:
             fds = None
     return Proc(pid, ppid, start, state, [c.decode(errors="replace") for c in cmdline],
-                pages * PAGE, cpu, fds)  # fmt: skip
+                pages * PAGE, cpu, fds, shared_bytes=shared * PAGE)  # fmt: skip
 
 
 def tree(root: int | None = None, count_fds: bool = True, supervised: bool = False) -> list[Proc]:

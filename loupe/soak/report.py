@@ -128,8 +128,14 @@ def slopes(
 ) -> dict[str, Any]:
     """Every series' slope after the warm-up (``kills``: the kill times, see ``slope_of``)."""
     rss = {}
+    private = {}
     fds = {}
     for role in (*LOUPE_ROLES, *RAY_ROLES):
+        fit = slope_of(
+            process_points(samples, role, "private_mb"), warmup_s, segment_warmup_s, kills
+        )
+        if fit["points"]:
+            private[role] = fit
         fit = slope_of(process_points(samples, role, "rss_mb"), warmup_s, segment_warmup_s, kills)
         if fit["points"]:
             if role in LOUPE_ROLES and fit["slope_per_10min"] is not None:
@@ -145,6 +151,9 @@ def slopes(
     }
     return {
         "rss_mb_per_10min": rss,
+        # RSS less its file-backed and shared pages (libraries, Ray's object store, frame
+        # buffers): what only this process holds, where a leak of its own shows
+        "private_mb_per_10min": private,
         "fds_per_10min": fds,
         "redis_used_memory_mb_per_10min": slope_of(
             keyed(samples, ("redis", "used_memory_mb"), ("redis", "process")), warmup_s, 0.0
@@ -313,9 +322,10 @@ def series(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The sampled series in compact form: per sample the time, each role's summed RSS and
     descriptors, Redis and object-store memory, the run directory and the newest step."""
     roles = sorted({row["role"] for s in samples for row in s["procs"]})
-    out: dict[str, Any] = {"t": [s["t"] for s in samples], "rss_mb": {}, "fds": {}}
+    out: dict[str, Any] = {"t": [s["t"] for s in samples], "rss_mb": {}, "private_mb": {},
+                           "fds": {}}  # fmt: skip
     for role in roles:
-        for field, key in (("rss_mb", "rss_mb"), ("fds", "fds")):
+        for field, key in (("rss_mb", "rss_mb"), ("private_mb", "private_mb"), ("fds", "fds")):
             out[key][role] = [
                 round(sum(r[field] or 0 for r in s["procs"] if r["role"] == role), 1)
                 for s in samples
@@ -474,10 +484,12 @@ def violations(report: dict[str, Any]) -> list[str]:
         if fit.get("ok") is False:
             robust = fit.get("robust_slope_per_10min")
             between = (fit.get("between_kills") or {}).get("slope_per_10min")
+            own = (report["slopes"].get("private_mb_per_10min") or {}).get(role) or {}
             out.append(
                 f"RSS of {role} grows {fit['slope_per_10min']:.2f} MB per 10 min (+- "
                 f"{fit['stderr_per_10min'] or 0:.2f}; Theil-Sen {_fmt(robust)}, between kills "
-                f"{_fmt(between)}; target < {RSS_TARGET_MB_PER_10MIN:g})"
+                f"{_fmt(between)}, private memory {_fmt(own.get('slope_per_10min'))}; target < "
+                f"{RSS_TARGET_MB_PER_10MIN:g})"
             )
     c = report["counts"]
     if not c["equal"]:
