@@ -31,9 +31,17 @@ def _malloc_trim():
 
 
 def release() -> int:
-    """Collect reference cycles and trim the C heap -> the number of objects collected."""
-    collected = gc.collect()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    """Collect reference cycles and trim the C heap -> the number of objects collected.
+
+    SIGINT/SIGTERM arriving meanwhile are raised after the collection: raised inside one of the
+    weakref callbacks the collection runs, the interrupt would be printed as an ignored exception
+    and lost.
+    """
+    from loupe import interrupt
+
+    with interrupt.deferred():
+        collected = gc.collect()
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)
     return collected

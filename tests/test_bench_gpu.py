@@ -60,6 +60,7 @@ def test_make_bench_gpu_without_cuda_says_so_in_one_line_and_writes_nothing(tmp_
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # its parts have their own tests; the whole goes to make test-all
 def test_cpu_dry_run_writes_every_figure(tmp_path):
     """The tiny dry run goes through every part (Ray actors with central inference, the learner in
     fp32 and bf16, IG, Ray evaluators) and the JSON holds each figure, finite and positive."""
