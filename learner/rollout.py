@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import mmap
 import os
@@ -12,7 +11,7 @@ import weakref
 
 import numpy as np
 
-from loupe.shm import BUFFER_PREFIX, remove_stale_buffers
+from loupe.shm import BUFFER_PREFIX, SHM_DIR, remove_stale_buffers, unlink_quietly
 
 
 @dataclasses.dataclass
@@ -135,7 +134,7 @@ class SharedObs:
     (``remove_stale_buffers``).
     """
 
-    def __init__(self, shape: tuple[int, ...], directory: str = "/dev/shm", max_buffers: int = 4):
+    def __init__(self, shape: tuple[int, ...], directory: str = SHM_DIR, max_buffers: int = 4):
         self.shape = tuple(int(d) for d in shape)
         self.directory = directory
         self.max_buffers = max_buffers
@@ -150,7 +149,7 @@ class SharedObs:
         self._finalizer = weakref.finalize(self, _unlink_all, self.paths)
 
     @staticmethod
-    def available(directory: str = "/dev/shm") -> bool:
+    def available(directory: str = SHM_DIR) -> bool:
         """Whether ``directory`` is a writable memory-backed directory here."""
         return os.path.isdir(directory) and os.access(directory, os.W_OK)
 
@@ -184,11 +183,6 @@ class SharedObs:
         self.arrays = []
 
 
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
 def _unlink_all(paths: list[str]) -> None:
     for path in paths:
-        _unlink(path)
+        unlink_quietly(path)

@@ -15,6 +15,8 @@ import functools
 import gc
 import sys
 
+from loupe import interrupt
+
 
 @functools.cache
 def _malloc_trim():
@@ -37,8 +39,6 @@ def release() -> int:
     weakref callbacks the collection runs, the interrupt would be printed as an ignored exception
     and lost.
     """
-    from loupe import interrupt
-
     with interrupt.deferred():
         collected = gc.collect()
         trim = _malloc_trim()

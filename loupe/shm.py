@@ -12,6 +12,12 @@ BUFFER_PREFIX = "loupe-obs-"
 SHM_DIR = "/dev/shm"
 
 
+def unlink_quietly(path: str) -> None:
+    """Remove ``path``; one already gone is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -39,7 +45,6 @@ def remove_stale_buffers(directory: str = SHM_DIR, pid: int | None = None) -> li
                 continue
             if (int(owner) == pid) if pid is not None else not _alive(int(owner)):
                 path = os.path.join(directory, name)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                unlink_quietly(path)
                 removed.append(path)
     return sorted(removed)
