@@ -41,7 +41,7 @@ check: lint
 	$(PY) -m pytest -q -m "unit" -x $(PYTEST_ARGS)
 
 test: setup
-	$(PY) -m pytest -q -m "not learning and not gpu and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not learning and not gpu and not slow" --durations=30 $(PYTEST_ARGS)
 
 test-all: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -151,8 +151,10 @@ def bench_env(opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    from loupe.heap import memory_mb
+
+    measured = memory_mb()
+    return float("nan") if measured is None else measured[0]
 
 
 def env_memory_worker(steps: int, num_envs: int, every: int) -> dict[str, Any]:

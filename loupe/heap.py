@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import os
 import sys
 
 from loupe import interrupt
@@ -45,3 +46,19 @@ def release() -> int:
         if trim is not None:
             trim(0)
     return collected
+
+
+def memory_mb() -> tuple[float, float] | None:
+    """This process's ``(RSS, private memory)`` in MB, or None where /proc is missing.
+
+    Private memory is RSS less its file-backed and shared pages (libraries, mapped files, shared
+    frame buffers): what only this process holds.
+    """
+    try:
+        with open("/proc/self/statm") as f:
+            fields = f.read().split()
+        pages, shared = int(fields[1]), int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None
+    page = os.sysconf("SC_PAGE_SIZE") / 2**20
+    return pages * page, (pages - shared) * page

@@ -154,10 +154,15 @@ def run_suite(checkpoint: str | Path, out_dir: str | Path, config: ProbeConfig |
 
 
 def _remove_stale_partials(out: Path) -> None:
-    """Delete unfinished work of probe processes that no longer run (killed mid-checkpoint)."""
+    """Delete unfinished work of probe processes that no longer run (killed mid-checkpoint).
+
+    The directory is listed and matched by prefix: a glob pattern holding the step would add
+    one compiled pattern per checkpoint to pathlib's and re's caches in a long-lived worker.
+    """
     if not out.parent.is_dir():
         return
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
+    prefix = f".{out.name}.partial-"
+    for stale in [p for p in out.parent.iterdir() if p.name.startswith(prefix)]:
         try:
             pid = int(stale.name.rsplit("-", 1)[1])
             os.kill(pid, 0)

@@ -190,6 +190,27 @@ def test_more_actors_than_cpus_is_refused(local_ray, tmp_path):
         Trainer(tiny(tmp_path / "run", actors=5), progress=False)
 
 
+@pytest.mark.integration
+def test_the_local_ray_gcs_runs_with_loupe_s_task_record_bound(local_ray):
+    """The bound of ``RAY_TASK_EVENTS`` reaches the GCS process Ray started (its environment)."""
+    import ray
+
+    from loupe.distributed import RAY_TASK_EVENTS
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path()).name
+    environs = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"gcs_server" in cmdline and session.encode() in cmdline:
+                environs.append(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+    assert len(environs) == 1
+    ((name, value),) = RAY_TASK_EVENTS.items()
+    assert f"{name}={value}".encode() in environs[0]
+
+
 @pytest.mark.unit
 def test_unreachable_ray_address_fails_fast(tmp_path):
     from loupe.bus.redis_server import free_port

@@ -308,5 +308,12 @@ def test_worker_returns_to_its_memory_level_after_each_checkpoint(run_with_bus, 
     monkeypatch.setattr(worker, "handle", measured)
     assert worker.run() == len(paths)
     assert max(left) < 2000, left  # collected already, inside the worker (was ~70,000)
+    # each result carries the worker's memory just before its probe: the level the previous
+    # checkpoint left, which the soak fits its slope on
+    levels = [f for _, f in bus.read_results(decode=True) if f["kind"] == "probe"]
+    assert len(levels) == len(paths) and {f["worker_pid"] for f in levels} == {os.getpid()}
+    for before, after_previous in zip([f["worker_rss_mb"] for f in levels[1:]], rss):
+        assert abs(before - after_previous) < 8, (before, after_previous)
+    assert all(0 < f["worker_private_mb"] < f["worker_rss_mb"] for f in levels)
     # after two warm-up checkpoints the worker comes back to the same level every time
     assert max(rss[2:]) - min(rss[2:]) < 8, rss

@@ -4,6 +4,7 @@ stall detection, the written/announced/probed accounting, the step order, proces
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from loupe.soak import (
     theil_sen,
 )
 from loupe.soak import procs as P
-from loupe.soak.report import slope_of, slopes
+from loupe.soak.report import judge_probe_worker, probe_levels, slope_of, slopes, violations
 
 
 def lstsq_reference(segments):
@@ -115,6 +116,95 @@ def test_report_slopes_find_the_leaking_role_and_ignore_restarts():
     assert own["learner"]["slope_per_10min"] == pytest.approx(5.0) and "rollout_actor" not in own
     assert out["run_dir_mb_per_10min"]["total"]["slope_per_10min"] == pytest.approx(10.0)
     assert out["redis_used_memory_mb_per_10min"]["slope_per_10min"] is None  # never sampled
+
+
+def probe_worker_soak(level_leak_mb_per_min: float, seed: int = 0):
+    """Samples of a probe worker whose RSS swings by ~100 MB with every probe (sampled at random
+    phases) around a level that grows ``level_leak_mb_per_min``, and its result entries, each
+    with the level read before its probe; two worker lifetimes (a restart at t=900)."""
+    rng = np.random.default_rng(seed)
+
+    def level(t):
+        return (600.0 if t < 900 else 560.0) + level_leak_mb_per_min * t / 60
+
+    samples, results = [], []
+    for k in range(360):
+        t = 5.0 * k
+        swing = 100.0 * rng.uniform() if rng.uniform() < 0.5 else 0.0
+        samples.append({"t": t, "procs": [{"key": "7-1" if t < 900 else "8-2",
+                        "role": "probe_worker", "rss_mb": level(t) + swing,
+                        "private_mb": level(t) - 200 + swing, "fds": 20}],
+                        "redis": None, "object_store": None, "run_dir_mb": {},
+                        "ray_sessions_mb": None})  # fmt: skip
+    for k in range(1, 100):
+        t = 18.0 * k
+        fields = {
+            "kind": "probe",
+            "step": 64 * k,
+            "worker_pid": 7 if t < 900 else 8,
+            "worker_rss_mb": level(t),
+            "worker_private_mb": level(t) - 200,
+        }
+        results.append(
+            (f"{int(1000 * (1e9 + t))}-0", {k: json.dumps(v) for k, v in fields.items()})
+        )
+    return samples, results
+
+
+def judged(level_leak_mb_per_min: float):
+    samples, results = probe_worker_soak(level_leak_mb_per_min)
+    out = slopes(samples, warmup_s=60, segment_warmup_s=30)
+    levels = {
+        name: slope_of(probe_levels(results, lambda wall: wall - 1e9, field), 60, 30)
+        for name, field in (("rss", "worker_rss_mb"), ("private", "worker_private_mb"))
+    }
+    out["probe_worker_level_mb_per_10min"] = levels
+    judge_probe_worker(out, levels)
+    return out
+
+
+def passing_report(slopes_out):
+    return {"slopes": slopes_out, "counts": {"equal": True}, "steps": {"monotone": True},
+            "stalls": {"within_bound": True}, "kills": [], "leftover_processes": [],
+            "projection_1e9_steps": {"under_target": True}}  # fmt: skip
+
+
+@pytest.mark.unit
+def test_probe_worker_is_judged_on_its_level_before_each_probe():
+    flat = judged(0.0)
+    levels = flat["probe_worker_level_mb_per_10min"]
+    assert levels["rss"]["slope_per_10min"] == pytest.approx(0.0, abs=1e-9)
+    assert levels["rss"]["segments"] == 2 and levels["rss"]["points"] > 80
+    assert levels["private"]["slope_per_10min"] == pytest.approx(0.0, abs=1e-9)
+    fit = flat["rss_mb_per_10min"]["probe_worker"]
+    # the sampled series scatters by the 100 MB swing: its standard error dwarfs the target
+    assert fit["stderr_per_10min"] > 1.0
+    assert fit["ok"] and fit["judged_on"].startswith("level before each probe")
+    assert violations(passing_report(flat)) == []
+    leaking = judged(0.3)  # 3 MB per 10 min in the level
+    assert leaking["probe_worker_level_mb_per_10min"]["rss"]["slope_per_10min"] == pytest.approx(
+        3.0
+    )
+    assert leaking["rss_mb_per_10min"]["probe_worker"]["ok"] is False
+    (line,) = violations(passing_report(leaking))
+    assert line.startswith("RSS of probe_worker before each probe grows 3.00 MB per 10 min")
+
+
+@pytest.mark.unit
+def test_probe_worker_without_enough_levels_keeps_the_sampled_judgement():
+    samples, results = probe_worker_soak(0.0)
+    out = slopes(samples, warmup_s=60, segment_warmup_s=30)
+    sampled_ok = out["rss_mb_per_10min"]["probe_worker"]["ok"]
+    few = probe_levels(results[:5], lambda wall: wall - 1e9, "worker_rss_mb")
+    judge_probe_worker(out, {"rss": slope_of(few, 0, 0)})
+    assert "judged_on" not in out["rss_mb_per_10min"]["probe_worker"]
+    assert out["rss_mb_per_10min"]["probe_worker"]["ok"] is sampled_ok
+    # results without the worker's memory (an older worker) and error entries give no points
+    old = [
+        ("5-0", {"kind": json.dumps("probe"), "step": "1"}),
+        ("6-0", {"kind": json.dumps("error"), "worker_pid": "3", "worker_rss_mb": "1.0"}),
+    ]
+    assert probe_levels(old, float, "worker_rss_mb") == []
 
 
 @pytest.mark.unit
@@ -443,6 +533,30 @@ def test_a_local_ray_rotates_its_logs(monkeypatch):
 
 
 @pytest.mark.unit
+def test_a_local_ray_bounds_its_task_records(monkeypatch):
+    """Found by the soak: the GCS of loupe's local Ray grew 5.6 MB per 10 minutes, one record
+    per actor call up to Ray's bound of 100,000 (measured: +98 MB over 30,000 actor calls; with
+    the bound at 2,000 it stays within 7 MB of its start). A cluster's GCS keeps its own."""
+    import ray
+
+    from loupe.distributed import RAY_TASK_EVENTS, init_ray
+
+    (name,) = RAY_TASK_EVENTS
+    seen = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(os.environ.get(name)))
+    monkeypatch.setattr("loupe.distributed.check_reachable", lambda address: None)
+    monkeypatch.delenv(name, raising=False)
+    init_ray("10.0.0.1:6379")
+    assert seen == [None]
+    init_ray(None)
+    assert seen == [None, "2000"]
+    monkeypatch.setenv(name, "50000")  # the user's own setting stays
+    init_ray(None)
+    assert seen[-1] == "50000"
+
+
+@pytest.mark.unit
 def test_tb_sizes_tell_the_learner_points_from_probe_scalars_and_images(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -462,3 +576,25 @@ def test_tb_sizes_tell_the_learner_points_from_probe_scalars_and_images(tmp_path
     assert out["train_points"] == 3 and out["probe_scalar_steps"] == 2
     assert out["probe_image_steps"] == 1 and out["probe_image_bytes"] > 0
     assert out["train_bytes"] > 0 and out["probe_scalar_bytes"] > 0
+
+
+@pytest.mark.unit
+def test_the_plot_marks_the_probe_worker_s_level_before_each_probe(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from loupe.soak.plot import plot_soak
+
+    samples, results = probe_worker_soak(0.0)
+    levels = [
+        {"pid": k, "t": t, "rss_mb": v}
+        for k, t, v in probe_levels(results, lambda wall: wall - 1e9, "worker_rss_mb")
+    ]
+    drawn = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **kw: drawn.append(
+        kw.get("label")) or plot(ax, *a, **kw))  # fmt: skip
+    report = {"series": {"probe_worker_level": levels}, "kills": [{"t": 900.0,
+              "component": "probe_worker", "back_s": 3.0}], "duration_s": 1800.0}  # fmt: skip
+    plot_soak(report, samples, tmp_path / "soak.png")
+    assert (tmp_path / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drawn.count("probe_worker before each probe") == 1 and "probe_worker" in drawn

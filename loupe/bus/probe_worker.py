@@ -105,6 +105,9 @@ class ProbeWorker:
             return "skipped"
         started = time.time()
         latency = started - ann.announced if ann.announced else None
+        # the worker's memory before each probe: the level it returns to between checkpoints (a
+        # probe allocates and frees ~100 MB, so samples at random times scatter by that much)
+        level = heap.memory_mb()
         try:
             with self._keep_claimed(delivery.entry_id):
                 summary = self._summary(ann)
@@ -119,11 +122,13 @@ class ProbeWorker:
             "kind": "probe", "suite": group, "step": ann.step, "sha256": ann.sha256,
             "out": str(self.out_dir(ann.step, ann.sha256)), "consumer": self.config.consumer,
             "start_latency_s": latency, "seconds": time.time() - started,
-            "scalars": scalars(summary),
+            "scalars": scalars(summary), "worker_pid": os.getpid(),
+            "worker_rss_mb": None if level is None else round(level[0], 3),
+            "worker_private_mb": None if level is None else round(level[1], 3),
         }  # fmt: skip
         first = self.bus.record_once(group, ann.sha256, result)  # mark + publish, atomically
         if first:
-            self._log_scalars(ann.step, result["scalars"], latency)
+            self._log_scalars(ann.step, result["scalars"], latency, level)
             index = summary.get("index")
             every = self.config.tb_images_every
             if every and (not isinstance(index, int) or index % every == 0):
@@ -191,7 +196,13 @@ class ProbeWorker:
             )
         return run_suite(ann.uri, out, self.probe_config, policy=policy, meta=meta)
 
-    def _log_scalars(self, step: int, values: dict[str, float], latency: float | None) -> None:
+    def _log_scalars(
+        self,
+        step: int,
+        values: dict[str, float],
+        latency: float | None,
+        level: tuple[float, float] | None = None,
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         if self.writer is None:
@@ -200,6 +211,9 @@ class ProbeWorker:
             self.writer.add_scalar(f"probe/{key}", value, step)
         if latency is not None:
             self.writer.add_scalar("probe/start_latency_s", latency, step)
+        if level is not None:
+            self.writer.add_scalar("probe/worker_rss_mb", level[0], step)
+            self.writer.add_scalar("probe/worker_private_mb", level[1], step)
         self.writer.flush()
 
     # -- the loop -----------------------------------------------------------------------------

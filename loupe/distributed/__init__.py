@@ -34,6 +34,10 @@ ACTOR_RESTART_WAIT_S = 120
 #: rotation of the logs of a local Ray (each file at most 64 MB plus one old one), unless the
 #: environment sets these already
 RAY_LOG_ROTATION = {"RAY_ROTATION_MAX_BYTES": 64 << 20, "RAY_ROTATION_BACKUP_COUNT": 1}
+#: task records a local Ray's GCS keeps for its state API (Ray's default, 100,000 of ~0.5-1 KB,
+#: grows its memory for hours of actor calls before the bound holds), unless the environment
+#: sets it already
+RAY_TASK_EVENTS = {"RAY_task_events_max_num_task_in_gcs": 2000}
 
 #: the session directory (logs, sockets) of the local Ray this process started; shutdown_ray
 #: removes it, so runs restarted for days leave no trail of them in Ray's temp directory
@@ -51,6 +55,9 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     # at 512 MB and keeps 5 old ones (3 GB per file) unless told otherwise
     for name, value in RAY_LOG_ROTATION.items():
         os.environ.setdefault(name, str(value))
+    if not address:  # a cluster's GCS was started with its own settings
+        for name, value in RAY_TASK_EVENTS.items():
+            os.environ.setdefault(name, str(value))
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": True,

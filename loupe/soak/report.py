@@ -171,6 +171,39 @@ def slopes(
     }
 
 
+#: fewest probe results with the worker's memory for its slope to be judged on them
+MIN_LEVEL_POINTS = 10
+
+
+def probe_levels(
+    results: Sequence[tuple[str, dict[str, str]]] | None, to_soak_t, field: str
+) -> list[tuple[str, float, float]]:
+    """``(worker pid, t, MB)`` of each probe result that carries the worker's memory before its
+    probe (``field``: ``worker_rss_mb`` or ``worker_private_mb``); ``to_soak_t`` maps wall
+    time to soak time."""
+    out = []
+    for entry_id, fields in results or []:
+        decoded = {k: json.loads(v) for k, v in fields.items()}
+        value, pid = decoded.get(field), decoded.get("worker_pid")
+        if decoded.get("kind") == "probe" and value is not None and pid is not None:
+            out.append((str(pid), to_soak_t(int(entry_id.split("-")[0]) / 1000), float(value)))
+    return out
+
+
+def judge_probe_worker(slope: dict[str, Any], levels: dict[str, Any]) -> None:
+    """Judge the probe worker's RSS target on its level before each probe (``levels["rss"]``)
+    where there are enough of them: each probe allocates and frees ~100 MB, so the 5-second
+    samples land at random phases of that sawtooth and their fit is as wide as the target."""
+    fit = slope["rss_mb_per_10min"].get("probe_worker")
+    level = levels.get("rss") or {}
+    if fit is None or (level.get("points") or 0) < MIN_LEVEL_POINTS:
+        return
+    if level.get("slope_per_10min") is None:
+        return
+    fit["judged_on"] = "level before each probe (probe_worker_level_mb_per_10min)"
+    fit["ok"] = level["slope_per_10min"] < RSS_TARGET_MB_PER_10MIN
+
+
 def last_values(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """RSS and descriptors of each role in the last sample, and the run directory's size."""
     if not samples:
@@ -480,8 +513,17 @@ def steps_per_s(soak: Soak) -> float | None:
 def violations(report: dict[str, Any]) -> list[str]:
     """Every target the soak missed, one line each."""
     out = []
+    level = report["slopes"].get("probe_worker_level_mb_per_10min") or {}
     for role, fit in report["slopes"]["rss_mb_per_10min"].items():
-        if fit.get("ok") is False:
+        if fit.get("ok") is False and fit.get("judged_on") and level.get("rss"):
+            rss, own = level["rss"], level.get("private") or {}
+            out.append(
+                f"RSS of {role} before each probe grows {rss['slope_per_10min']:.2f} MB per 10 "
+                f"min (+- {rss['stderr_per_10min'] or 0:.2f}, {rss['points']} probes; private "
+                f"memory {_fmt(own.get('slope_per_10min'))}; sampled every few seconds "
+                f"{_fmt(fit['slope_per_10min'])}; target < {RSS_TARGET_MB_PER_10MIN:g})"
+            )
+        elif fit.get("ok") is False:
             robust = fit.get("robust_slope_per_10min")
             between = (fit.get("between_kills") or {}).get("slope_per_10min")
             own = (report["slopes"].get("private_mb_per_10min") or {}).get(role) or {}
@@ -525,7 +567,21 @@ def build_report(soak: Soak, kills: list[Kill], subreaper: bool) -> dict[str, An
 
     cfg = soak.config
     last = last_values(soak.samples)
-    slope = slopes(soak.samples, cfg.warmup_s, cfg.segment_warmup_s, [w.t for w in soak.kills])
+    kill_times = [w.t for w in soak.kills]
+    slope = slopes(soak.samples, cfg.warmup_s, cfg.segment_warmup_s, kill_times)
+    results = (soak.streams or ([], []))[1]
+    levels: dict[str, Any] = {
+        name: slope_of(probe_levels(results, soak.from_wall, field), cfg.warmup_s,
+                       cfg.segment_warmup_s, kill_times)
+        for name, field in (("rss", "worker_rss_mb"), ("private", "worker_private_mb"))
+    }  # fmt: skip
+    levels["how"] = (
+        "the probe worker's RSS and private memory read just before each probe (the level it "
+        "returns to between checkpoints), from its result entries; fitted like the sampled "
+        "series, one intercept per worker process"
+    )
+    slope["probe_worker_level_mb_per_10min"] = levels
+    judge_probe_worker(slope, levels)
     sizes = measured_sizes(soak)
     report = {
         "note": NOTE,
@@ -554,6 +610,10 @@ def build_report(soak: Soak, kills: list[Kill], subreaper: bool) -> dict[str, An
         "series": series(soak.samples),
         "events": soak.events,
     }
+    report["series"]["probe_worker_level"] = [
+        {"pid": key, "t": round(t, 2), "rss_mb": rss}
+        for key, t, rss in probe_levels(results, soak.from_wall, "worker_rss_mb")
+    ]
     report["projection_1e9_steps"] = projection(soak, sizes, slope)
     report["steps_per_s"] = steps_per_s(soak)
     report["violations"] = violations(report)
