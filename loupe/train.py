@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections import deque
 from pathlib import Path
@@ -20,6 +21,7 @@ from actors import EnvConfig
 from learner import PPOConfig
 from loupe.config import from_dict, load_json, save_json, to_dict
 from loupe.errors import LoupeError
+from loupe.heap import memory_mb
 from loupe.rundir import RunDir, run_id_for
 
 log = logging.getLogger("loupe.train")
@@ -201,6 +203,15 @@ class Trainer:
             "env_options": self.config.env.to_dict(),
             "preset": self.config.preset,
         }
+        memory = memory_mb()
+        if memory is not None:
+            # the learner's level at one phase of its loop (right after an update): the soak
+            # fits its memory trend on these instead of on samples at random phases
+            meta["process"] = {
+                "pid": os.getpid(),
+                "rss_mb": round(memory[0], 2),
+                "private_mb": round(memory[1], 2),
+            }
         path = save_checkpoint(
             self.run.path,
             self.policy,

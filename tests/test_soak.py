@@ -29,7 +29,15 @@ from loupe.soak import (
     theil_sen,
 )
 from loupe.soak import procs as P
-from loupe.soak.report import judge_probe_worker, probe_levels, slope_of, slopes, violations
+from loupe.soak.report import (
+    checkpoint_levels,
+    judge_learner,
+    judge_probe_worker,
+    probe_levels,
+    slope_of,
+    slopes,
+    violations,
+)
 
 
 def lstsq_reference(segments):
@@ -205,6 +213,77 @@ def test_probe_worker_without_enough_levels_keeps_the_sampled_judgement():
         ("6-0", {"kind": json.dumps("error"), "worker_pid": "3", "worker_rss_mb": "1.0"}),
     ]
     assert probe_levels(old, float, "worker_rss_mb") == []
+
+
+def learner_soak(level_leak_mb_per_min: float, seed: int = 5):
+    """A learner whose 5-second samples dip at random (an update's buffers freed back to the
+    system, as seen on real soaks: a few samples 40-100 MB under the level, more of them late),
+    while its level at each checkpoint grows by ``level_leak_mb_per_min``; killed at 900 s."""
+    rng = np.random.default_rng(seed)
+
+    def level(t):
+        return 590.0 + level_leak_mb_per_min * t / 60
+
+    samples, checkpoints = [], []
+    for k in range(360):
+        t = 5.0 * k
+        dip = -rng.uniform(40, 100) if rng.uniform() < (0.05 if t < 900 else 0.15) else 0.0
+        samples.append({"t": t, "procs": [{"key": "11-1" if t < 900 else "12-2",
+                        "role": "learner", "rss_mb": level(t) + dip,
+                        "private_mb": level(t) - 190 + dip, "fds": 30}],
+                        "redis": None, "object_store": None, "run_dir_mb": {},
+                        "ray_sessions_mb": None})  # fmt: skip
+    for k in range(1, 150):
+        t = 12.0 * k
+        checkpoints.append({"name": f"ckpt-{k:012d}.json", "step": 8192 * k, "seen": t,
+                            "process": {"pid": 11 if t < 900 else 12, "rss_mb": level(t),
+                                        "private_mb": level(t) - 190}})  # fmt: skip
+    checkpoints.append({"name": "old.json", "step": 0, "seen": 3.0})  # written by an older loupe
+    return samples, checkpoints
+
+
+def learner_judged(level_leak_mb_per_min: float):
+    samples, checkpoints = learner_soak(level_leak_mb_per_min)
+    out = slopes(samples, warmup_s=60, segment_warmup_s=30)
+    levels = {
+        name: slope_of(checkpoint_levels(checkpoints, field), 60, 30)
+        for name, field in (("rss", "rss_mb"), ("private", "private_mb"))
+    }
+    out["learner_level_mb_per_10min"] = levels
+    judge_learner(out, levels)
+    return out
+
+
+@pytest.mark.unit
+def test_learner_is_judged_on_its_level_at_each_checkpoint():
+    flat = learner_judged(0.0)
+    levels = flat["learner_level_mb_per_10min"]
+    assert levels["rss"]["slope_per_10min"] == pytest.approx(0.0, abs=1e-9)
+    assert levels["rss"]["segments"] == 2 and levels["rss"]["points"] > 130
+    assert levels["private"]["slope_per_10min"] == pytest.approx(0.0, abs=1e-9)
+    fit = flat["rss_mb_per_10min"]["learner"]
+    # more dips late in each lifetime tilt the sampled fit down or up by more than the target
+    assert abs(fit["slope_per_10min"]) > 1.0 or fit["stderr_per_10min"] > 1.0
+    assert fit["ok"] and fit["judged_on"].startswith("level at each checkpoint")
+    assert violations(passing_report(flat)) == []
+    leaking = learner_judged(0.2)  # 2 MB per 10 min in the level
+    assert leaking["learner_level_mb_per_10min"]["rss"]["slope_per_10min"] == pytest.approx(2.0)
+    assert leaking["rss_mb_per_10min"]["learner"]["ok"] is False
+    (line,) = violations(passing_report(leaking))
+    assert line.startswith("RSS of learner at each checkpoint grows 2.00 MB per 10 min")
+    assert "checkpoints" in line
+
+
+@pytest.mark.unit
+def test_checkpoint_levels_skip_checkpoints_without_memory_and_sort_by_time():
+    cks = [{"seen": 9.0, "process": {"pid": 4, "rss_mb": 2.0, "private_mb": 1.0}},
+           {"seen": 3.0, "process": {"pid": 4, "rss_mb": 1.0, "private_mb": 0.5}},
+           {"seen": 5.0, "process": None}, {"seen": 6.0}]  # fmt: skip
+    assert checkpoint_levels(cks, "rss_mb") == [("4", 3.0, 1.0), ("4", 9.0, 2.0)]
+    assert checkpoint_levels(cks, "private_mb") == [("4", 3.0, 0.5), ("4", 9.0, 1.0)]
+    out = {"rss_mb_per_10min": {"learner": {"ok": False, "slope_per_10min": 3.0}}}
+    judge_learner(out, {"rss": slope_of(checkpoint_levels(cks, "rss_mb"), 0, 0)})
+    assert "judged_on" not in out["rss_mb_per_10min"]["learner"]  # too few levels: unchanged
 
 
 @pytest.mark.unit
@@ -593,8 +672,14 @@ def test_the_plot_marks_the_probe_worker_s_level_before_each_probe(tmp_path, mon
     plot = matplotlib.axes.Axes.plot
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **kw: drawn.append(
         kw.get("label")) or plot(ax, *a, **kw))  # fmt: skip
-    report = {"series": {"probe_worker_level": levels}, "kills": [{"t": 900.0,
+    _, checkpoints = learner_soak(0.0)
+    learner = [
+        {"pid": k, "t": t, "rss_mb": v} for k, t, v in checkpoint_levels(checkpoints, "rss_mb")
+    ]
+    report = {"series": {"probe_worker_level": levels, "learner_level": learner},
+              "kills": [{"t": 900.0,
               "component": "probe_worker", "back_s": 3.0}], "duration_s": 1800.0}  # fmt: skip
     plot_soak(report, samples, tmp_path / "soak.png")
     assert (tmp_path / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert drawn.count("probe_worker before each probe") == 1 and "probe_worker" in drawn
+    assert drawn.count("learner at each checkpoint") == 1

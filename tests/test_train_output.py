@@ -142,3 +142,14 @@ def test_trainer_history_keeps_only_the_newest_updates(tmp_path, monkeypatch):
     trainer.train()
     assert [h["step"] for h in trainer.history] == [96.0, 128.0, 160.0]
     assert all("steps_per_s" in h for h in trainer.history)
+    # each checkpoint records the learner's memory as it wrote it (the soak's level series)
+    import os
+
+    from loupe.heap import memory_mb
+
+    (meta,) = [json.loads(p.read_text())
+               for p in (tmp_path / "run" / "checkpoints").glob("ckpt-*[0-9].json")]  # fmt: skip
+    proc = meta["process"]
+    rss_now, _ = memory_mb()
+    assert proc["pid"] == os.getpid()
+    assert 0 < proc["private_mb"] <= proc["rss_mb"] <= rss_now * 1.5

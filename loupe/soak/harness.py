@@ -400,6 +400,7 @@ class Soak:
                 "state_size": int(meta.get("state_size", 0)),
                 "json_size": (directory / name).stat().st_size
                 if (directory / name).exists() else 0,
+                "process": meta.get("process"),
             }  # fmt: skip
             self.say(f"checkpoint at step {meta['step']} (index {meta.get('index')})")
 

@@ -64,11 +64,15 @@ def plot_soak(report: dict[str, Any], samples: Sequence[dict[str, Any]], path: s
             label = None if role in labelled else role
             labelled.add(role)
             ax[i].plot(ts, ys, color=COLOURS.get(role, "black"), lw=1, label=label)
-        if i == 0:  # the probe worker's level before each probe, which its slope is judged on
-            levels = (report.get("series") or {}).get("probe_worker_level") or []
-            if levels:
-                ax[i].plot([p["t"] / 60 for p in levels], [p["rss_mb"] for p in levels], "o",
-                           ms=2.5, color="black", label="probe_worker before each probe")  # fmt: skip
+        if i == 0:  # the levels at one phase of each loop, which the slopes are judged on
+            for key, marker, label in (
+                ("probe_worker_level", "o", "probe_worker before each probe"),
+                ("learner_level", "^", "learner at each checkpoint"),
+            ):
+                levels = (report.get("series") or {}).get(key) or []
+                if levels:
+                    ax[i].plot([p["t"] / 60 for p in levels], [p["rss_mb"] for p in levels],
+                               marker, ms=2.5, color="black", label=label)  # fmt: skip
         ax[i].set_title(title)
         ax[i].legend(fontsize=7, loc="upper left")
     ts, ys = _series(samples, "redis", "used_memory_mb")

@@ -190,18 +190,52 @@ def probe_levels(
     return out
 
 
-def judge_probe_worker(slope: dict[str, Any], levels: dict[str, Any]) -> None:
-    """Judge the probe worker's RSS target on its level before each probe (``levels["rss"]``)
-    where there are enough of them: each probe allocates and frees ~100 MB, so the 5-second
-    samples land at random phases of that sawtooth and their fit is as wide as the target."""
-    fit = slope["rss_mb_per_10min"].get("probe_worker")
+def checkpoint_levels(
+    checkpoints: Sequence[dict[str, Any]], field: str
+) -> list[tuple[str, float, float]]:
+    """``(learner pid, t, MB)`` of each checkpoint whose metadata carries the learner's memory
+    as it wrote it (``field``: ``rss_mb`` or ``private_mb``); t: when the soak first saw it."""
+    out = []
+    for c in checkpoints:
+        proc = c.get("process") or {}
+        value, pid = proc.get(field), proc.get("pid")
+        if value is not None and pid is not None and c.get("seen") is not None:
+            out.append((str(pid), float(c["seen"]), float(value)))
+    return sorted(out, key=lambda p: p[1])
+
+
+def judge_on_level(slope: dict[str, Any], role: str, levels: dict[str, Any], how: str) -> None:
+    """Judge ``role``'s RSS target on its level at one phase of its loop (``levels["rss"]``)
+    where there are enough of them. The probe worker allocates and frees ~100 MB per probe, the
+    learner a rollout and an update's worth per step: the 5-second samples land at random phases
+    of that sawtooth, and a few low ones drag their least-squares fit by as much as the target."""
+    fit = slope["rss_mb_per_10min"].get(role)
     level = levels.get("rss") or {}
     if fit is None or (level.get("points") or 0) < MIN_LEVEL_POINTS:
         return
     if level.get("slope_per_10min") is None:
         return
-    fit["judged_on"] = "level before each probe (probe_worker_level_mb_per_10min)"
+    fit["judged_on"] = how
     fit["ok"] = level["slope_per_10min"] < RSS_TARGET_MB_PER_10MIN
+
+
+def judge_probe_worker(slope: dict[str, Any], levels: dict[str, Any]) -> None:
+    """The probe worker judged on its level before each probe (see ``judge_on_level``)."""
+    judge_on_level(slope, "probe_worker", levels,
+                   "level before each probe (probe_worker_level_mb_per_10min)")  # fmt: skip
+
+
+def judge_learner(slope: dict[str, Any], levels: dict[str, Any]) -> None:
+    """The learner judged on its level at each checkpoint (see ``judge_on_level``)."""
+    judge_on_level(slope, "learner", levels,
+                   "level at each checkpoint (learner_level_mb_per_10min)")  # fmt: skip
+
+
+#: the level series each role may be judged on: role -> key in report["slopes"]
+LEVEL_KEYS = {
+    "probe_worker": ("probe_worker_level_mb_per_10min", "before each probe", "probes"),
+    "learner": ("learner_level_mb_per_10min", "at each checkpoint", "checkpoints"),
+}
 
 
 def last_values(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -513,13 +547,14 @@ def steps_per_s(soak: Soak) -> float | None:
 def violations(report: dict[str, Any]) -> list[str]:
     """Every target the soak missed, one line each."""
     out = []
-    level = report["slopes"].get("probe_worker_level_mb_per_10min") or {}
     for role, fit in report["slopes"]["rss_mb_per_10min"].items():
+        key, when, what = LEVEL_KEYS.get(role, ("", "", ""))
+        level = report["slopes"].get(key) or {}
         if fit.get("ok") is False and fit.get("judged_on") and level.get("rss"):
             rss, own = level["rss"], level.get("private") or {}
             out.append(
-                f"RSS of {role} before each probe grows {rss['slope_per_10min']:.2f} MB per 10 "
-                f"min (+- {rss['stderr_per_10min'] or 0:.2f}, {rss['points']} probes; private "
+                f"RSS of {role} {when} grows {rss['slope_per_10min']:.2f} MB per 10 "
+                f"min (+- {rss['stderr_per_10min'] or 0:.2f}, {rss['points']} {what}; private "
                 f"memory {_fmt(own.get('slope_per_10min'))}; sampled every few seconds "
                 f"{_fmt(fit['slope_per_10min'])}; target < {RSS_TARGET_MB_PER_10MIN:g})"
             )
@@ -582,6 +617,19 @@ def build_report(soak: Soak, kills: list[Kill], subreaper: bool) -> dict[str, An
     )
     slope["probe_worker_level_mb_per_10min"] = levels
     judge_probe_worker(slope, levels)
+    written = list(soak.checkpoints.values())
+    learner: dict[str, Any] = {
+        name: slope_of(checkpoint_levels(written, field), cfg.warmup_s, cfg.segment_warmup_s,
+                       kill_times)
+        for name, field in (("rss", "rss_mb"), ("private", "private_mb"))
+    }  # fmt: skip
+    learner["how"] = (
+        "the learner's RSS and private memory as it wrote each checkpoint (right after an "
+        "update: one phase of its loop), from the checkpoints' metadata; fitted like the sampled "
+        "series, one intercept per learner process"
+    )
+    slope["learner_level_mb_per_10min"] = learner
+    judge_learner(slope, learner)
     sizes = measured_sizes(soak)
     report = {
         "note": NOTE,
@@ -613,6 +661,10 @@ def build_report(soak: Soak, kills: list[Kill], subreaper: bool) -> dict[str, An
     report["series"]["probe_worker_level"] = [
         {"pid": key, "t": round(t, 2), "rss_mb": rss}
         for key, t, rss in probe_levels(results, soak.from_wall, "worker_rss_mb")
+    ]
+    report["series"]["learner_level"] = [
+        {"pid": key, "t": round(t, 2), "rss_mb": rss}
+        for key, t, rss in checkpoint_levels(written, "rss_mb")
     ]
     report["projection_1e9_steps"] = projection(soak, sizes, slope)
     report["steps_per_s"] = steps_per_s(soak)
