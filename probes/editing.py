@@ -23,7 +23,9 @@ from loupe.errors import LoupeError
 
 #: metadata keys that save_checkpoint recomputes for the edited weights, or that describe the
 #: parent's training state (an edited checkpoint has none)
-_RECOMPUTED = ("schema", "created", "policy", "weights", "size", "sha256", "index")
+#: meta an edited checkpoint does not take from its parent: recomputed on save, or about the
+#: process that wrote the parent (the learner's memory at that checkpoint)
+_RECOMPUTED = ("schema", "created", "policy", "weights", "size", "sha256", "index", "process")
 
 
 def _direction(direction: Any) -> torch.Tensor:

@@ -138,8 +138,11 @@ def test_edited_checkpoint_records_parent_and_edit(tmp_path):
     torch.manual_seed(3)
     policy = build_policy("interpretable", (3, 64, 64), 15)
     parent = save_checkpoint(
-        tmp_path / "run", policy, {"step": 7, "run_id": "r1", "env": "procgen:coinrun"}
-    )
+        tmp_path / "run",
+        policy,
+        {"step": 7, "run_id": "r1", "env": "procgen:coinrun",
+         "process": {"pid": 1, "rss_mb": 500.0, "private_mb": 300.0}},
+    )  # fmt: skip
     parent_meta = json.loads(parent.read_text())
     direction = np.linspace(0.1, 1.0, 32)
     out = write_edited_checkpoint(parent, "2b", direction, "nmf:2b/3", tmp_path / "edited")
@@ -157,6 +160,7 @@ def test_edited_checkpoint_records_parent_and_edit(tmp_path):
     np.testing.assert_allclose(meta["edit"]["direction"], direction)
     assert (meta["step"], meta["run_id"], meta["env"]) == (7, "r1", "procgen:coinrun")
     assert meta["sha256"] != parent_meta["sha256"] and "state" not in meta
+    assert "process" in parent_meta and "process" not in meta  # the learner's memory stays behind
     expected = edit_policy(policy, "2b", direction)
     for (k, a), b in zip(expected.state_dict().items(), edited.state_dict().values()):
         assert torch.equal(a, b), k
