@@ -33,6 +33,7 @@ from loupe.soak.report import (
     checkpoint_levels,
     judge_learner,
     judge_probe_worker,
+    level_fits,
     probe_levels,
     slope_of,
     slopes,
@@ -162,10 +163,8 @@ def probe_worker_soak(level_leak_mb_per_min: float, seed: int = 0):
 def judged(level_leak_mb_per_min: float):
     samples, results = probe_worker_soak(level_leak_mb_per_min)
     out = slopes(samples, warmup_s=60, segment_warmup_s=30)
-    levels = {
-        name: slope_of(probe_levels(results, lambda wall: wall - 1e9, field), 60, 30)
-        for name, field in (("rss", "worker_rss_mb"), ("private", "worker_private_mb"))
-    }
+    fields = {"rss": "worker_rss_mb", "private": "worker_private_mb"}
+    levels = level_fits(lambda n: probe_levels(results, lambda wall: wall - 1e9, fields[n]), 60, 30)
     out["probe_worker_level_mb_per_10min"] = levels
     judge_probe_worker(out, levels)
     return out
@@ -245,10 +244,7 @@ def learner_soak(level_leak_mb_per_min: float, seed: int = 5):
 def learner_judged(level_leak_mb_per_min: float):
     samples, checkpoints = learner_soak(level_leak_mb_per_min)
     out = slopes(samples, warmup_s=60, segment_warmup_s=30)
-    levels = {
-        name: slope_of(checkpoint_levels(checkpoints, field), 60, 30)
-        for name, field in (("rss", "rss_mb"), ("private", "private_mb"))
-    }
+    levels = level_fits(lambda n: checkpoint_levels(checkpoints, f"{n}_mb"), 60, 30)
     out["learner_level_mb_per_10min"] = levels
     judge_learner(out, levels)
     return out
@@ -683,3 +679,28 @@ def test_the_plot_marks_the_probe_worker_s_level_before_each_probe(tmp_path, mon
     assert (tmp_path / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert drawn.count("probe_worker before each probe") == 1 and "probe_worker" in drawn
     assert drawn.count("learner at each checkpoint") == 1
+
+
+@pytest.mark.unit
+def test_build_report_fits_and_judges_the_learner_on_the_checkpoint_levels(tmp_path):
+    from loupe.soak.harness import Soak, SoakConfig
+    from loupe.soak.report import build_report
+
+    cfg = SoakConfig(minutes=30, warmup_s=60, work_dir=str(tmp_path))
+    soak = Soak(cfg, out=None, plot=None, echo=lambda line: None)
+    samples, checkpoints = learner_soak(0.2)
+    for s in samples:
+        s["run_dir_mb"] = {"total": 1.0, "checkpoints": 0.5, "probes": 0.3, "tb": 0.1, "redis": 0.1}
+    soak.samples = samples
+    soak.checkpoints = {
+        str(i): dict(c, index=i, sha256=str(i), size=1000, state_size=2000, json_size=900)
+        for i, c in enumerate(checkpoints)
+    }
+    soak.t_end = 1800.0
+    report = build_report(soak, [], False)
+    level = report["slopes"]["learner_level_mb_per_10min"]
+    assert level["rss"]["slope_per_10min"] == pytest.approx(2.0)
+    assert level["how"].startswith("the learner's RSS")
+    assert report["slopes"]["rss_mb_per_10min"]["learner"]["judged_on"].startswith("level at")
+    assert report["violations"][0].startswith("RSS of learner at each checkpoint grows 2.00")
+    assert len(report["series"]["learner_level"]) == len(checkpoints) - 1  # one has no memory

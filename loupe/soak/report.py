@@ -4,9 +4,10 @@ from the harness's samples (``build_report``); the series helpers are pure."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -229,6 +230,35 @@ def judge_learner(slope: dict[str, Any], levels: dict[str, Any]) -> None:
     """The learner judged on its level at each checkpoint (see ``judge_on_level``)."""
     judge_on_level(slope, "learner", levels,
                    "level at each checkpoint (learner_level_mb_per_10min)")  # fmt: skip
+
+
+PROBE_LEVEL_HOW = (
+    "the probe worker's RSS and private memory read just before each probe (the level it "
+    "returns to between checkpoints), from its result entries; fitted like the sampled "
+    "series, one intercept per worker process"
+)
+LEARNER_LEVEL_HOW = (
+    "the learner's RSS and private memory as it wrote each checkpoint (right after an "
+    "update: one phase of its loop), from the checkpoints' metadata; fitted like the sampled "
+    "series, one intercept per learner process"
+)
+
+
+def level_fits(
+    points_of: Callable[[str], list[tuple[str, float, float]]],
+    warmup_s: float,
+    segment_warmup_s: float,
+    kills: Sequence[float] = (),
+    how: str = "",
+) -> dict[str, Any]:
+    """``{"rss": fit, "private": fit, "how": how}``: ``slope_of`` of the level points
+    ``points_of("rss")`` and ``points_of("private")``."""
+    out: dict[str, Any] = {
+        name: slope_of(points_of(name), warmup_s, segment_warmup_s, kills)
+        for name in ("rss", "private")
+    }
+    out["how"] = how
+    return out
 
 
 #: the level series each role may be judged on: role -> key in report["slopes"]
@@ -605,29 +635,15 @@ def build_report(soak: Soak, kills: list[Kill], subreaper: bool) -> dict[str, An
     kill_times = [w.t for w in soak.kills]
     slope = slopes(soak.samples, cfg.warmup_s, cfg.segment_warmup_s, kill_times)
     results = (soak.streams or ([], []))[1]
-    levels: dict[str, Any] = {
-        name: slope_of(probe_levels(results, soak.from_wall, field), cfg.warmup_s,
-                       cfg.segment_warmup_s, kill_times)
-        for name, field in (("rss", "worker_rss_mb"), ("private", "worker_private_mb"))
-    }  # fmt: skip
-    levels["how"] = (
-        "the probe worker's RSS and private memory read just before each probe (the level it "
-        "returns to between checkpoints), from its result entries; fitted like the sampled "
-        "series, one intercept per worker process"
-    )
+    fit = functools.partial(level_fits, warmup_s=cfg.warmup_s,
+                            segment_warmup_s=cfg.segment_warmup_s, kills=kill_times)  # fmt: skip
+    probe_fields = {"rss": "worker_rss_mb", "private": "worker_private_mb"}
+    levels = fit(lambda name: probe_levels(results, soak.from_wall, probe_fields[name]),
+                 how=PROBE_LEVEL_HOW)  # fmt: skip
     slope["probe_worker_level_mb_per_10min"] = levels
     judge_probe_worker(slope, levels)
     written = list(soak.checkpoints.values())
-    learner: dict[str, Any] = {
-        name: slope_of(checkpoint_levels(written, field), cfg.warmup_s, cfg.segment_warmup_s,
-                       kill_times)
-        for name, field in (("rss", "rss_mb"), ("private", "private_mb"))
-    }  # fmt: skip
-    learner["how"] = (
-        "the learner's RSS and private memory as it wrote each checkpoint (right after an "
-        "update: one phase of its loop), from the checkpoints' metadata; fitted like the sampled "
-        "series, one intercept per learner process"
-    )
+    learner = fit(lambda name: checkpoint_levels(written, f"{name}_mb"), how=LEARNER_LEVEL_HOW)
     slope["learner_level_mb_per_10min"] = learner
     judge_learner(slope, learner)
     sizes = measured_sizes(soak)
