@@ -21,10 +21,9 @@ from torch import nn
 
 from loupe.errors import LoupeError
 
-#: metadata keys that save_checkpoint recomputes for the edited weights, or that describe the
-#: parent's training state (an edited checkpoint has none)
-#: meta an edited checkpoint does not take from its parent: recomputed on save, or about the
-#: process that wrote the parent (the learner's memory at that checkpoint)
+#: metadata keys an edited checkpoint does not take from its parent: recomputed by
+#: save_checkpoint for the edited weights, or about the process that wrote the parent (the
+#: learner's memory at that checkpoint); the parent's training state keys (state*) are dropped too
 _RECOMPUTED = ("schema", "created", "policy", "weights", "size", "sha256", "index", "process")
 
 

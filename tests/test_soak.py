@@ -31,8 +31,7 @@ from loupe.soak import (
 from loupe.soak import procs as P
 from loupe.soak.report import (
     checkpoint_levels,
-    judge_learner,
-    judge_probe_worker,
+    judge_on_level,
     level_fits,
     probe_levels,
     slope_of,
@@ -163,10 +162,16 @@ def probe_worker_soak(level_leak_mb_per_min: float, seed: int = 0):
 def judged(level_leak_mb_per_min: float):
     samples, results = probe_worker_soak(level_leak_mb_per_min)
     out = slopes(samples, warmup_s=60, segment_warmup_s=30)
-    fields = {"rss": "worker_rss_mb", "private": "worker_private_mb"}
-    levels = level_fits(lambda n: probe_levels(results, lambda wall: wall - 1e9, fields[n]), 60, 30)
+    levels = level_fits(
+        {
+            n: probe_levels(results, lambda wall: wall - 1e9, f"worker_{n}_mb")
+            for n in ("rss", "private")
+        },
+        60,
+        30,
+    )
     out["probe_worker_level_mb_per_10min"] = levels
-    judge_probe_worker(out, levels)
+    judge_on_level(out, "probe_worker", levels)
     return out
 
 
@@ -203,7 +208,7 @@ def test_probe_worker_without_enough_levels_keeps_the_sampled_judgement():
     out = slopes(samples, warmup_s=60, segment_warmup_s=30)
     sampled_ok = out["rss_mb_per_10min"]["probe_worker"]["ok"]
     few = probe_levels(results[:5], lambda wall: wall - 1e9, "worker_rss_mb")
-    judge_probe_worker(out, {"rss": slope_of(few, 0, 0)})
+    judge_on_level(out, "probe_worker", {"rss": slope_of(few, 0, 0)})
     assert "judged_on" not in out["rss_mb_per_10min"]["probe_worker"]
     assert out["rss_mb_per_10min"]["probe_worker"]["ok"] is sampled_ok
     # results without the worker's memory (an older worker) and error entries give no points
@@ -244,9 +249,11 @@ def learner_soak(level_leak_mb_per_min: float, seed: int = 5):
 def learner_judged(level_leak_mb_per_min: float):
     samples, checkpoints = learner_soak(level_leak_mb_per_min)
     out = slopes(samples, warmup_s=60, segment_warmup_s=30)
-    levels = level_fits(lambda n: checkpoint_levels(checkpoints, f"{n}_mb"), 60, 30)
+    levels = level_fits(
+        {n: checkpoint_levels(checkpoints, f"{n}_mb") for n in ("rss", "private")}, 60, 30
+    )
     out["learner_level_mb_per_10min"] = levels
-    judge_learner(out, levels)
+    judge_on_level(out, "learner", levels)
     return out
 
 
@@ -278,7 +285,7 @@ def test_checkpoint_levels_skip_checkpoints_without_memory_and_sort_by_time():
     assert checkpoint_levels(cks, "rss_mb") == [("4", 3.0, 1.0), ("4", 9.0, 2.0)]
     assert checkpoint_levels(cks, "private_mb") == [("4", 3.0, 0.5), ("4", 9.0, 1.0)]
     out = {"rss_mb_per_10min": {"learner": {"ok": False, "slope_per_10min": 3.0}}}
-    judge_learner(out, {"rss": slope_of(checkpoint_levels(cks, "rss_mb"), 0, 0)})
+    judge_on_level(out, "learner", {"rss": slope_of(checkpoint_levels(cks, "rss_mb"), 0, 0)})
     assert "judged_on" not in out["rss_mb_per_10min"]["learner"]  # too few levels: unchanged
 
 

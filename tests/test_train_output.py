@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from actors import EnvConfig
 from actors.envs import option_names
 from loupe.config import from_dict
+from loupe.heap import memory_mb
 from loupe.train import TrainConfig, planned_end, rounding_note
 
 TINY = ["--num-envs", "2", "--num-steps", "16", "--minibatches", "1", "--epochs", "1"]
@@ -143,10 +145,6 @@ def test_trainer_history_keeps_only_the_newest_updates(tmp_path, monkeypatch):
     assert [h["step"] for h in trainer.history] == [96.0, 128.0, 160.0]
     assert all("steps_per_s" in h for h in trainer.history)
     # each checkpoint records the learner's memory as it wrote it (the soak's level series)
-    import os
-
-    from loupe.heap import memory_mb
-
     (meta,) = [json.loads(p.read_text())
                for p in (tmp_path / "run" / "checkpoints").glob("ckpt-*[0-9].json")]  # fmt: skip
     proc = meta["process"]

@@ -4,10 +4,9 @@ from the harness's samples (``build_report``); the series helpers are pure."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -205,67 +204,64 @@ def checkpoint_levels(
     return sorted(out, key=lambda p: p[1])
 
 
-def judge_on_level(slope: dict[str, Any], role: str, levels: dict[str, Any], how: str) -> None:
-    """Judge ``role``'s RSS target on its level at one phase of its loop (``levels["rss"]``)
-    where there are enough of them. The probe worker allocates and frees ~100 MB per probe, the
-    learner a rollout and an update's worth per step: the 5-second samples land at random phases
-    of that sawtooth, and a few low ones drag their least-squares fit by as much as the target."""
+@dataclasses.dataclass(frozen=True)
+class LevelSeries:
+    """A role's memory read at one phase of its loop, which its RSS target is judged on."""
+
+    #: key of the fits in report["slopes"] and of the points in report["series"]
+    key: str
+    series: str
+    #: where in the loop it is read, and what one reading is per ("before each probe", "probes")
+    when: str
+    what: str
+    how: str
+
+
+LEVELS = {
+    "probe_worker": LevelSeries(
+        "probe_worker_level_mb_per_10min", "probe_worker_level", "before each probe", "probes",
+        "the probe worker's RSS and private memory read just before each probe (the level it "
+        "returns to between checkpoints), from its result entries; fitted like the sampled "
+        "series, one intercept per worker process",
+    ),
+    "learner": LevelSeries(
+        "learner_level_mb_per_10min", "learner_level", "at each checkpoint", "checkpoints",
+        "the learner's RSS and private memory as it wrote each checkpoint (right after an "
+        "update: one phase of its loop), from the checkpoints' metadata; fitted like the sampled "
+        "series, one intercept per learner process",
+    ),
+}  # fmt: skip
+
+
+def level_fits(
+    points: dict[str, list[tuple[str, float, float]]],
+    warmup_s: float,
+    segment_warmup_s: float,
+    kills: Sequence[float] = (),
+    how: str = "",
+) -> dict[str, Any]:
+    """``{"rss": fit, "private": fit, "how": how}``: ``slope_of`` of each level series in
+    ``points`` (``{"rss": [(pid, t, MB), ...], "private": [...]}``)."""
+    out: dict[str, Any] = {
+        name: slope_of(pts, warmup_s, segment_warmup_s, kills) for name, pts in points.items()
+    }
+    out["how"] = how
+    return out
+
+
+def judge_on_level(slope: dict[str, Any], role: str, levels: dict[str, Any]) -> None:
+    """Judge ``role``'s RSS target on its level at one phase of its loop (``levels["rss"]``, see
+    ``LEVELS``) where there are enough of them. The probe worker allocates and frees ~100 MB per
+    probe, the learner a rollout and an update's worth per step: the 5-second samples land at
+    random phases of that sawtooth, and a few low ones drag their fit by as much as the target."""
     fit = slope["rss_mb_per_10min"].get(role)
     level = levels.get("rss") or {}
     if fit is None or (level.get("points") or 0) < MIN_LEVEL_POINTS:
         return
     if level.get("slope_per_10min") is None:
         return
-    fit["judged_on"] = how
+    fit["judged_on"] = f"level {LEVELS[role].when} ({LEVELS[role].key})"
     fit["ok"] = level["slope_per_10min"] < RSS_TARGET_MB_PER_10MIN
-
-
-def judge_probe_worker(slope: dict[str, Any], levels: dict[str, Any]) -> None:
-    """The probe worker judged on its level before each probe (see ``judge_on_level``)."""
-    judge_on_level(slope, "probe_worker", levels,
-                   "level before each probe (probe_worker_level_mb_per_10min)")  # fmt: skip
-
-
-def judge_learner(slope: dict[str, Any], levels: dict[str, Any]) -> None:
-    """The learner judged on its level at each checkpoint (see ``judge_on_level``)."""
-    judge_on_level(slope, "learner", levels,
-                   "level at each checkpoint (learner_level_mb_per_10min)")  # fmt: skip
-
-
-PROBE_LEVEL_HOW = (
-    "the probe worker's RSS and private memory read just before each probe (the level it "
-    "returns to between checkpoints), from its result entries; fitted like the sampled "
-    "series, one intercept per worker process"
-)
-LEARNER_LEVEL_HOW = (
-    "the learner's RSS and private memory as it wrote each checkpoint (right after an "
-    "update: one phase of its loop), from the checkpoints' metadata; fitted like the sampled "
-    "series, one intercept per learner process"
-)
-
-
-def level_fits(
-    points_of: Callable[[str], list[tuple[str, float, float]]],
-    warmup_s: float,
-    segment_warmup_s: float,
-    kills: Sequence[float] = (),
-    how: str = "",
-) -> dict[str, Any]:
-    """``{"rss": fit, "private": fit, "how": how}``: ``slope_of`` of the level points
-    ``points_of("rss")`` and ``points_of("private")``."""
-    out: dict[str, Any] = {
-        name: slope_of(points_of(name), warmup_s, segment_warmup_s, kills)
-        for name in ("rss", "private")
-    }
-    out["how"] = how
-    return out
-
-
-#: the level series each role may be judged on: role -> key in report["slopes"]
-LEVEL_KEYS = {
-    "probe_worker": ("probe_worker_level_mb_per_10min", "before each probe", "probes"),
-    "learner": ("learner_level_mb_per_10min", "at each checkpoint", "checkpoints"),
-}
 
 
 def last_values(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -578,13 +574,13 @@ def violations(report: dict[str, Any]) -> list[str]:
     """Every target the soak missed, one line each."""
     out = []
     for role, fit in report["slopes"]["rss_mb_per_10min"].items():
-        key, when, what = LEVEL_KEYS.get(role, ("", "", ""))
-        level = report["slopes"].get(key) or {}
-        if fit.get("ok") is False and fit.get("judged_on") and level.get("rss"):
+        spec = LEVELS.get(role)
+        level = (report["slopes"].get(spec.key) if spec else None) or {}
+        if fit.get("ok") is False and fit.get("judged_on") and spec and level.get("rss"):
             rss, own = level["rss"], level.get("private") or {}
             out.append(
-                f"RSS of {role} {when} grows {rss['slope_per_10min']:.2f} MB per 10 "
-                f"min (+- {rss['stderr_per_10min'] or 0:.2f}, {rss['points']} {what}; private "
+                f"RSS of {role} {spec.when} grows {rss['slope_per_10min']:.2f} MB per 10 "
+                f"min (+- {rss['stderr_per_10min'] or 0:.2f}, {rss['points']} {spec.what}; private "
                 f"memory {_fmt(own.get('slope_per_10min'))}; sampled every few seconds "
                 f"{_fmt(fit['slope_per_10min'])}; target < {RSS_TARGET_MB_PER_10MIN:g})"
             )
@@ -635,17 +631,16 @@ def build_report(soak: Soak, kills: list[Kill], subreaper: bool) -> dict[str, An
     kill_times = [w.t for w in soak.kills]
     slope = slopes(soak.samples, cfg.warmup_s, cfg.segment_warmup_s, kill_times)
     results = (soak.streams or ([], []))[1]
-    fit = functools.partial(level_fits, warmup_s=cfg.warmup_s,
-                            segment_warmup_s=cfg.segment_warmup_s, kills=kill_times)  # fmt: skip
-    probe_fields = {"rss": "worker_rss_mb", "private": "worker_private_mb"}
-    levels = fit(lambda name: probe_levels(results, soak.from_wall, probe_fields[name]),
-                 how=PROBE_LEVEL_HOW)  # fmt: skip
-    slope["probe_worker_level_mb_per_10min"] = levels
-    judge_probe_worker(slope, levels)
     written = list(soak.checkpoints.values())
-    learner = fit(lambda name: checkpoint_levels(written, f"{name}_mb"), how=LEARNER_LEVEL_HOW)
-    slope["learner_level_mb_per_10min"] = learner
-    judge_learner(slope, learner)
+    level_points = {
+        "probe_worker": {name: probe_levels(results, soak.from_wall, f"worker_{name}_mb")
+                         for name in ("rss", "private")},
+        "learner": {name: checkpoint_levels(written, f"{name}_mb") for name in ("rss", "private")},
+    }  # fmt: skip
+    for role, points in level_points.items():
+        fits = level_fits(points, cfg.warmup_s, cfg.segment_warmup_s, kill_times, LEVELS[role].how)
+        slope[LEVELS[role].key] = fits
+        judge_on_level(slope, role, fits)
     sizes = measured_sizes(soak)
     report = {
         "note": NOTE,
@@ -674,14 +669,10 @@ def build_report(soak: Soak, kills: list[Kill], subreaper: bool) -> dict[str, An
         "series": series(soak.samples),
         "events": soak.events,
     }
-    report["series"]["probe_worker_level"] = [
-        {"pid": key, "t": round(t, 2), "rss_mb": rss}
-        for key, t, rss in probe_levels(results, soak.from_wall, "worker_rss_mb")
-    ]
-    report["series"]["learner_level"] = [
-        {"pid": key, "t": round(t, 2), "rss_mb": rss}
-        for key, t, rss in checkpoint_levels(written, "rss_mb")
-    ]
+    for role, points in level_points.items():
+        report["series"][LEVELS[role].series] = [
+            {"pid": key, "t": round(t, 2), "rss_mb": rss} for key, t, rss in points["rss"]
+        ]
     report["projection_1e9_steps"] = projection(soak, sizes, slope)
     report["steps_per_s"] = steps_per_s(soak)
     report["violations"] = violations(report)
