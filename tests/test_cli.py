@@ -44,6 +44,12 @@ def snapshot(path: Path) -> dict[str, bytes]:
     }
 
 
+def steps_of(run: Path) -> list[int]:
+    return sorted(
+        json.loads(p.read_text())["step"] for p in (run / "checkpoints").glob("ckpt-*[0-9].json")
+    )
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "tiny"
@@ -62,20 +68,6 @@ def test_train_writes_config_checkpoints_and_tensorboard(trained_run: Path):
     last = json.loads(metas[-1].read_text())
     assert last["step"] == 64 and len(last["sha256"]) == 64
     assert list((trained_run / "tb").glob("events.out.tfevents.*"))
-
-
-@pytest.mark.integration
-def test_resume_continues_the_step_counter(trained_run: Path, tmp_path: Path):
-    import shutil
-
-    run = tmp_path / "resumed"
-    shutil.copytree(trained_run, run)
-    proc = loupe("train", "--resume", str(run), "--total-steps", "96", "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    steps = sorted(
-        json.loads(p.read_text())["step"] for p in (run / "checkpoints").glob("ckpt-*[0-9].json")
-    )
-    assert steps[-1] == 96 and 64 in steps
 
 
 @pytest.mark.integration
@@ -118,10 +110,11 @@ def test_bad_train_input_gives_one_line(tmp_path: Path, args, needles):
 
 @pytest.mark.integration
 def test_resume_can_change_the_update_speed_settings_and_records_them(
-    trained_run: Path, tmp_path: Path
+    trained_run: Path, tmp_path: Path, capsys
 ):
     """--precision, --channels-last and --compile on --resume replace the run's settings (said
-    in one line each, kept in config.json for later resumes); every other setting stays."""
+    in one line each, kept in config.json for later resumes); every other setting stays. Each
+    resume continues the step counter of the checkpoint it starts from (64, then 96)."""
     import shutil
 
     run = tmp_path / "faster"
@@ -144,13 +137,15 @@ def test_resume_can_change_the_update_speed_settings_and_records_them(
     assert {k: v for k, v in after.items() if k != "ppo"} == {
         k: v for k, v in before.items() if k != "ppo"
     }
-    steps = [
-        json.loads(p.read_text())["step"] for p in (run / "checkpoints").glob("ckpt-*[0-9].json")
-    ]
-    assert max(steps) == 96
-    again = loupe("train", "--resume", str(run), "--total-steps", "128", "--no-progress")
-    assert again.returncode == 0, again.stderr
-    assert "resumed with" not in again.stdout  # the recorded settings hold
+    assert steps_of(run)[-1] == 96 and 64 in steps_of(run)
+    # a plain resume (the CLI's entry point in this process): the recorded settings hold
+    from loupe.cli import main
+
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--total-steps", "128", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "done at step 128" in out and "resumed with" not in out
+    assert steps_of(run)[-1] == 128 and 96 in steps_of(run)
     assert json.loads((run / "config.json").read_text()) == after
 
 
@@ -179,8 +174,10 @@ def test_resume_with_bf16_on_a_cpu_without_it_is_one_line_and_changes_nothing(
 
 
 @pytest.mark.integration
-def test_resume_from_truncated_checkpoint_is_refused(trained_run: Path, tmp_path: Path):
+def test_resume_from_truncated_checkpoint_is_refused(trained_run: Path, tmp_path: Path, capsys):
     import shutil
+
+    from loupe.cli import main
 
     run = tmp_path / "broken"
     shutil.copytree(trained_run, run)
@@ -188,8 +185,10 @@ def test_resume_from_truncated_checkpoint_is_refused(trained_run: Path, tmp_path
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     before = snapshot(run)
-    proc = loupe("train", "--resume", str(run), "--total-steps", "96", "--no-progress")
-    assert_one_line_error(proc, weights.name)
+    argv = ["train", "--resume", str(run), "--total-steps", "96", "--no-progress"]
+    status = main(argv)  # the CLI's entry point in this process
+    out, err = capsys.readouterr()
+    assert_one_line_error(subprocess.CompletedProcess(argv, status, out, err), weights.name)
     assert snapshot(run) == before
 
 

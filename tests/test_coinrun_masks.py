@@ -245,8 +245,10 @@ def test_level_evaluator_with_invisible_saws_plays_levels_it_never_shows_saws_in
         return original(slots)
 
     evaluator._actions = spy
-    results = evaluator.evaluate(range(6))
-    assert sorted(r.level for r in results) == list(range(6)) and all(seen) and len(seen) > 6
+    # levels this untrained policy ends quickly (94, 353 and 413 steps): 1 and 5 on a saw
+    results = evaluator.evaluate([1, 4, 5])
+    assert sorted(r.level for r in results) == [1, 4, 5] and all(seen) and len(seen) > 6
+    assert "saw" in {r.cause for r in results}  # there were saws, deadly but never drawn
     with pytest.raises(LoupeError, match="cannot make 'lava' invisible"):
         EvaluatorConfig(invisible=["lava"])
 

@@ -18,7 +18,9 @@ from learner.checkpoint import save_checkpoint
 from loupe.distributed.evaluate import EvalConfig, evaluate, read_records, wilson
 from loupe.errors import LoupeError
 
-LEVELS = 24
+#: levels of the evaluations below; the killed Ray run has 4 of them when it is killed
+LEVELS = 12
+SLOTS, CHUNK = 4, 2
 
 
 def jumpy_checkpoint(run: Path, bias: float, env: str = "procgen:coinrun") -> Path:
@@ -46,20 +48,28 @@ def per_level(out: Path) -> dict[int, tuple]:
     return {k: (r.outcome, r.cause, r.ret, r.length) for k, r in read_records(records).items()}
 
 
-@pytest.mark.integration
-def test_in_process_counts_and_causes(checkpoints, tmp_path):
-    out = tmp_path / "ev"
+@pytest.fixture(scope="module")
+def in_process(checkpoints, tmp_path_factory):
+    """The first checkpoint evaluated in this process on LEVELS levels: the uninterrupted run that
+    the killed and resumed run below is checked against (same slots and chunks)."""
+    out = tmp_path_factory.mktemp("in-process") / "ev"
     summary = evaluate(
         EvalConfig(
             checkpoints=[str(checkpoints[0])],
             out=str(out),
             levels=LEVELS,
             workers=0,
-            slots=8,
-            chunk=6,
+            slots=SLOTS,
+            chunk=CHUNK,
         ),  # fmt: skip
         progress=False,
     )
+    return out, summary
+
+
+@pytest.mark.integration
+def test_in_process_counts_and_causes(in_process):
+    out, summary = in_process
     (stats,) = summary["checkpoints"].values()
     counts = {k: v["count"] for k, v in stats["by_category"].items()}
     assert sum(counts.values()) == LEVELS == stats["levels"]
@@ -75,16 +85,18 @@ def test_in_process_counts_and_causes(checkpoints, tmp_path):
 
 
 @pytest.mark.integration
-def test_ray_run_killed_and_resumed_matches_uninterrupted(checkpoints, tmp_path):
+def test_ray_run_killed_and_resumed_matches_uninterrupted(checkpoints, in_process, tmp_path):
+    """`loupe evaluate` on Ray (two evaluators) killed with SIGKILL after a few records, then
+    resumed by the same command: only the missing levels run, and every level's record equals the
+    uninterrupted in-process evaluation's. The resume plays in-process (--workers 0): a resume on
+    Ray of an interrupted `loupe evaluate` is
+    test_restarted_server_is_reached_with_wait_for_ready_and_resumes in test_service.py, also
+    checked there against an uninterrupted in-process evaluation."""
     ckpt = str(checkpoints[0])
-    whole = tmp_path / "whole"
-    base = ["--checkpoint", ckpt, "--levels", str(LEVELS), "--slots", "4", "--chunk", "2"]
-    done = subprocess.run(cli(*base, "--workers", "2", "--out", str(whole)),
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-
+    base = ["--checkpoint", ckpt, "--levels", str(LEVELS), "--slots", str(SLOTS),
+            "--chunk", str(CHUNK)]  # fmt: skip
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(cli(*base, "--workers", "1", "--out", str(cut)),
+    proc = subprocess.Popen(cli(*base, "--workers", "2", "--out", str(cut)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 300
@@ -100,10 +112,10 @@ def test_ray_run_killed_and_resumed_matches_uninterrupted(checkpoints, tmp_path)
     assert records is not None, "no records written before the deadline"
     partial = len(read_records(records))
     assert 0 < partial < LEVELS
-    resumed = subprocess.run(cli(*base, "--workers", "1", "--out", str(cut)),
+    resumed = subprocess.run(cli(*base, "--workers", "0", "--out", str(cut)),
                              capture_output=True, text=True, timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert per_level(cut) == per_level(whole)
+    assert per_level(cut) == per_level(in_process[0])
     summary = json.loads((cut / "results.json").read_text())
     (stats,) = summary["checkpoints"].values()
     assert stats["levels_this_run"] == LEVELS - partial
@@ -116,7 +128,7 @@ def test_two_checkpoints_side_by_side(checkpoints, tmp_path):
         EvalConfig(
             checkpoints=[str(c) for c in checkpoints],
             out=str(out),
-            levels=8,
+            levels=4,
             workers=0,
             slots=8,
             causes=False,
@@ -125,7 +137,7 @@ def test_two_checkpoints_side_by_side(checkpoints, tmp_path):
     )
     assert len(summary["checkpoints"]) == 2
     for stats in summary["checkpoints"].values():
-        assert sum(v["count"] for v in stats["by_category"].values()) == 8
+        assert sum(v["count"] for v in stats["by_category"].values()) == 4
     assert len(list(out.glob("*.jsonl"))) == 2
 
 

@@ -225,22 +225,41 @@ def error_line(done: subprocess.CompletedProcess) -> str:
     return line
 
 
+def start_loupe(*args: str) -> subprocess.Popen:
+    """`loupe ARGS` started, to run while the test goes on (``finish`` collects it)."""
+    return subprocess.Popen([sys.executable, "-m", "loupe.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def finish(proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 @pytest.mark.integration
 def test_labels_from_the_provenance_of_a_real_edit(tmp_path):
     """probe -> `loupe edit --direction nmf:1` -> evaluate: the edit is named by what it is."""
     parent = jumpy(tmp_path / "coinrun-a")
+    # bad --label values are refused with one line; these commands run while the probe does
+    bad_labels = [("original", "wants NAME=PATH"), (f"x={parent}.nope", "is not a checkpoint")]
+    refusals = [start_loupe("evaluate", "--checkpoint", str(parent), "--levels", "2",
+                            "--out", str(tmp_path / "bad"), "--label", bad)
+                for bad, _ in bad_labels]  # fmt: skip
     probe = loupe("probe", "--checkpoint", str(parent), "--out", str(tmp_path / "probe"),
-                  "--num-envs", "2", "--num-steps", "16", "--ig-samples", "8",
+                  "--num-envs", "2", "--num-steps", "16", "--ig-samples", "4",
                   "--nmf-components", "2", "--smoothgrad-copies", "2")  # fmt: skip
     assert probe.returncode == 0, probe.stderr[-2000:]
+    for (_, says), proc in zip(bad_labels, refusals):
+        assert says in error_line(finish(proc))
+    assert not (tmp_path / "bad").exists()
     edited = tmp_path / "edit"
     done = loupe("edit", "--checkpoint", str(parent), "--layer", "2b", "--direction", "nmf:1",
                  "--nmf", str(tmp_path / "probe" / "summary.json"), "--out", str(edited))  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     (child,) = edited.glob("checkpoints/*.json")
     out = tmp_path / "ev"
-    summary = evaluate(EvalConfig(checkpoints=[str(parent), str(child)], out=str(out), levels=3,
-                                  workers=0, slots=3), progress=False)  # fmt: skip
+    summary = evaluate(EvalConfig(checkpoints=[str(parent), str(child)], out=str(out), levels=2,
+                                  workers=0, slots=2), progress=False)  # fmt: skip
     names = [s["label"] for s in summary["checkpoints"].values()]
     assert names == ["coinrun-a step 2048", "nmf:1 of 2b projected out of coinrun-a step 2048"]
     # the JSON files are written with sorted keys: look checkpoints up by their ids
@@ -256,7 +275,7 @@ def test_labels_from_the_provenance_of_a_real_edit(tmp_path):
     }
     # --label renames the parent; the edit then names its parent by that label (CLI, resumed)
     done = loupe("evaluate", "--checkpoint", str(parent), "--checkpoint", str(child), "--levels",
-                 "3", "--workers", "0", "--out", str(out), "--no-progress",
+                 "2", "--workers", "0", "--out", str(out), "--no-progress",
                  "--label", f"original={parent}")  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "A  original  (" in done.stdout
@@ -265,21 +284,20 @@ def test_labels_from_the_provenance_of_a_real_edit(tmp_path):
     relabelled = json.loads((out / "eval.json").read_text())["labels"]
     assert [relabelled[parent_id], relabelled[child_id]] == [
         "original", "nmf:1 of 2b projected out of original"]  # fmt: skip
-    for bad, says in [("original", "wants NAME=PATH"), (f"x={child}.nope", "is not a checkpoint")]:
-        line = error_line(loupe("evaluate", "--checkpoint", str(parent), "--levels", "3",
-                                "--out", str(tmp_path / "bad"), "--label", bad))  # fmt: skip
-        assert says in line
-    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.integration
 def test_more_levels_extend_an_evaluation_without_rerunning_finished_ones(tmp_path):
     ckpt = str(jumpy(tmp_path / "run"))
     out = tmp_path / "ev"
+    # in-process evaluators (--workers 0): extending is the same on Ray, where the resumed runs of
+    # test_restarted_server_is_reached_with_wait_for_ready_and_resumes (test_service.py) play
+    # levels that do not start at the first
     base = ["evaluate", "--checkpoint", ckpt, "--out", str(out), "--no-progress", "--slots", "2",
-            "--chunk", "2", "--workers", "1"]  # fmt: skip
-    first = loupe(*base, "--levels", "4")  # real local Ray, one evaluator
-    assert first.returncode == 0, first.stderr[-2000:]
+            "--chunk", "2", "--workers", "0"]  # fmt: skip
+    # the first four levels in this process; the command extends them below
+    evaluate(EvalConfig(checkpoints=[ckpt], out=str(out), levels=4, slots=2, chunk=2, workers=0),
+             progress=False)  # fmt: skip
     (records,) = out.glob("*.jsonl")
     before = records.read_bytes()
     assert sorted(read_records(records)) == [0, 1, 2, 3]

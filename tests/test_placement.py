@@ -1,14 +1,13 @@
-"""`loupe compare-placements`: statistics against scipy, config checks, and a tiny real comparison."""
+"""`loupe compare-placements`: statistics against scipy and config checks (the tiny real
+comparison runs on the local Ray of test_distributed.py)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 
 from loupe.errors import LoupeError
-from loupe.placement import PlacementConfig, compare_placements, late_return, summarise, welch
+from loupe.placement import PlacementConfig, late_return, summarise, welch
 
 
 @pytest.mark.unit
@@ -84,41 +83,4 @@ def test_bad_settings_are_refused(kwargs, message):
         PlacementConfig(**kwargs)
 
 
-@pytest.mark.integration
-def test_tiny_comparison_trains_both_placements_and_resumes(tmp_path):
-    import ray
-
-    from loupe.distributed import init_ray
-
-    init_ray(None, num_cpus=2)
-    try:
-        # BigFish: random play ends episodes within the tiny budget (CoinRun's rarely do)
-        cfg = PlacementConfig(env_id="procgen:bigfish", num_envs=4, num_steps=32, minibatches=2, epochs=1, total_steps=512,
-                              seeds=(1, 2), out=str(tmp_path / "cmp"))  # fmt: skip
-        summary = compare_placements(cfg, echo=lambda _: None, progress=False)
-        runs = tmp_path / "cmp" / "runs"
-        results = {p.name: json.loads(p.read_text()) for p in runs.glob("*.json")}
-        assert sorted(results) == [
-            f"{p}-seed{s}.json" for p in ("actor", "central") for s in (1, 2)
-        ]
-        assert all(r["steps"] == 512 and len(r["curve"]) == 4 for r in results.values())
-        assert summary["placements"]["actor"]["max_policy_lag"] == 1.0
-        assert summary["placements"]["central"]["max_policy_lag"] == 0.0
-        assert (tmp_path / "cmp" / "curves.png").stat().st_size > 5_000
-        for metric in ("final_return", "late_return"):
-            test = summary["actor_minus_central"][metric]
-            assert set(test) >= {"diff", "p", "ci95", "paired_diffs", "paired_p", "within_noise"}
-        # a second call trains nothing: every run is read back from its result file
-        stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*.json")}
-        again = compare_placements(cfg, echo=lambda _: None, progress=False)
-        assert {p: p.stat().st_mtime_ns for p in runs.glob("*.json")} == stamps
-        assert again["placements"] == summary["placements"]
-        # the same out dir with other settings is refused instead of mixing two comparisons
-        other = PlacementConfig(env_id="procgen:bigfish", num_envs=4, num_steps=32, minibatches=2, epochs=2, total_steps=512,
-                                seeds=(1, 2), out=str(tmp_path / "cmp"))  # fmt: skip
-        saved = (tmp_path / "cmp" / "config.json").read_text()
-        with pytest.raises(LoupeError, match=r"other settings \(epochs\)"):
-            compare_placements(other, echo=lambda _: None, progress=False)
-        assert (tmp_path / "cmp" / "config.json").read_text() == saved
-    finally:
-        ray.shutdown()
+# the tiny real comparison is in test_distributed.py, on that module's local Ray

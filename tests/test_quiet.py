@@ -61,7 +61,7 @@ def test_train_with_a_ray_actor_and_evaluate_on_ray_are_quiet_and_leave_no_ray_s
         assert (ray_tmp / "ray").is_dir()  # the run's Ray lived here
         assert not list((ray_tmp / "ray").glob("session_*")), list((ray_tmp / "ray").iterdir())
         proc = loupe(
-            "evaluate", "--checkpoint", str(run), "--levels", "2", "--workers", "1", "--slots",
+            "evaluate", "--checkpoint", str(run), "--levels", "1", "--workers", "1", "--slots",
             "1", "--chunk", "1", "--no-progress", "--out", str(tmp_path / "eval"),
             RAY_TMPDIR=str(ray_tmp),
         )  # fmt: skip

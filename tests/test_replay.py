@@ -182,15 +182,23 @@ def test_a_moved_or_changed_checkpoint_is_named_not_replayed(evaluated, tmp_path
 @pytest.mark.integration
 def test_view_eval_export_replays_by_default_and_refuses_bad_replay_options(evaluated, tmp_path):
     out = tmp_path / "export"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "loupe.cli", "view", *a],  # noqa: E731
-                                    capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
-    proc = run("--eval", str(evaluated["out"]), "--export", str(out), "--ig-steps", "4",
-               "--no-embedding", "--replay", str(evaluated["failed"][-1].level))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def start(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "loupe.cli", "view", *args], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    # the refusals run while the export does (each is its own command)
+    refusals = [(start(*args), says) for args, says in [
+        (["--probe", str(out), "--replays", "2"], "use --eval"),
+        (["--eval", str(evaluated["out"]), "--replays", "-1"], "--replays")]]  # fmt: skip
+    proc = start("--eval", str(evaluated["out"]), "--export", str(out), "--ig-steps", "4",
+                 "--no-embedding", "--target", "value",
+                 "--replay", str(evaluated["failed"][-1].level))  # fmt: skip
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
     data = json.loads((out / "data" / "eval.json").read_text())
     assert str(evaluated["failed"][-1].level) in data["checkpoints"][0]["replays"]
-    for args, says in [(["--probe", str(out), "--replays", "2"], "use --eval"),
-                       (["--eval", str(evaluated["out"]), "--replays", "-1"], "--replays")]:  # fmt: skip
-        proc = run(*args)
-        assert proc.returncode == 2 and proc.stderr.startswith("loupe: error: ")
-        assert says in proc.stderr and "Traceback" not in proc.stderr
+    for refused, says in refusals:
+        _, err = refused.communicate(timeout=600)
+        assert refused.returncode == 2 and err.startswith("loupe: error: ")
+        assert says in err and "Traceback" not in err

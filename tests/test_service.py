@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -474,51 +475,6 @@ def wait_for_levels(client, request_id: str, n: int) -> None:
         time.sleep(0.2)
 
 
-def test_evaluation_runs_on_ray_like_loupe_evaluate(world, client, tmp_path):
-    submitted = client.submit_evaluation([(RUN, "1")], levels=8, start_level=3, request_id="ev-1")
-    assert submitted["state"] == "queued" and submitted["levels_total"] == 8
-    states = []
-    for status in client.watch_evaluation("ev-1", timeout=300):
-        states.append((status["state"], status["levels_done"]))
-    final = status
-    assert final["state"] == "succeeded", final["error"]
-    names = [s for s, _ in states]
-    assert names[-1] == "succeeded" and "running" in names
-    assert names.index("running") < names.index("succeeded")
-    done = [n for s, n in states if s == "running"]
-    assert done == sorted(done)
-    (label,) = final["checkpoints"]
-    assert final["checkpoints"][label]["levels_done"] == 8
-    counts = final["checkpoints"][label]["counts"]
-    by_category = final["results"]["checkpoints"][label]["by_category"]
-    assert counts == {k: v["count"] for k, v in by_category.items() if v["count"]}
-    # the same records as `loupe evaluate`, in-process
-    ckpt = world["run"] / "checkpoints" / "ckpt-000000000001.json"
-    ref = tmp_path / "ref"
-    evaluate(
-        EvalConfig(
-            checkpoints=[str(ckpt)],
-            out=str(ref),
-            levels=8,
-            start_level=3,
-            workers=0,
-            slots=4,
-            chunk=4,
-        ),
-        progress=False,
-    )
-    out = Path(final["out_dir"])
-    assert per_level(out / f"{label}.jsonl") == per_level(ref / f"{label}.jsonl")
-    assert sorted(per_level(out / f"{label}.jsonl")) == list(range(3, 11))
-    # idempotent: the same id and request is the same evaluation; another request is refused
-    again = client.submit_evaluation([(RUN, "1")], levels=8, start_level=3, request_id="ev-1")
-    assert again["state"] == "succeeded" and again["results"] == final["results"]
-    code, message = code_and_message(
-        lambda: client.submit_evaluation([(RUN, "1")], levels=9, request_id="ev-1")
-    )
-    assert code == grpc.StatusCode.ALREADY_EXISTS and "choose a new id" in message
-
-
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (from /proc)."""
     children: dict[int, list[int]] = {}
@@ -564,15 +520,44 @@ def test_cancel_stops_the_ray_work(world, client):
     assert len(read_records(records)) == levels  # nothing more is written
 
 
-def test_restarted_server_is_reached_with_wait_for_ready_and_resumes(world):
+def restart_server(world) -> None:
+    world["server"].stop()
+    world["server"] = ServerThread(world["config"]).start()
+
+
+#: levels of the evaluation stopped by a server restart (4 per chunk: a few chunks are left)
+RESTART_LEVELS = 12
+
+
+def test_restarted_server_is_reached_with_wait_for_ready_and_resumes(world, tmp_path):
+    """One evaluation on Ray (``loupe evaluate`` run by the server) proves, in order:
+
+    - a running evaluation stops with the server and stays resumable: after the restart, reached
+      by a client with wait_for_ready, it is failed with how to resume;
+    - resubmitted, it runs on Ray like `loupe evaluate`: the watch goes queued -> running ->
+      succeeded with levels done never falling, only the missing levels are played, the counts
+      agree with the results, and every level's record equals an uninterrupted in-process
+      `loupe evaluate` of the same levels;
+    - the same id and request is the same evaluation (its results); another request is refused;
+    - an evaluation finished before a restart is still known, with its results.
+    """
+    # the reference: the same levels in this process, played while the server's Ray runs
+    ckpt = world["run"] / "checkpoints" / "ckpt-000000000001.json"
+    ref = tmp_path / "ref"
+    config = EvalConfig(checkpoints=[str(ckpt)], out=str(ref), levels=RESTART_LEVELS,
+                        start_level=3, workers=0, slots=4, chunk=4)  # fmt: skip
+    pool = ThreadPoolExecutor(1)
+    reference = pool.submit(evaluate, config, progress=False)
     port = world["config"].port
     c = Client(f"127.0.0.1:{port}", token=TOKEN, timeout=60, wait_for_ready=True)
-    c.submit_evaluation([(RUN, "1")], levels=24, request_id="ev-restart")
-    wait_for_levels(c, "ev-restart", 4)
+    request = dict(levels=RESTART_LEVELS, start_level=3, request_id="ev-1")
+    submitted = c.submit_evaluation([(RUN, "1")], **request)
+    assert submitted["state"] == "queued" and submitted["levels_total"] == RESTART_LEVELS
+    wait_for_levels(c, "ev-1", 4)
     world["server"].stop()  # the evaluation stops with the server, resumable
-    out = world["root"] / "state" / "evaluations" / "ev-restart" / "out"
+    out = world["root"] / "state" / "evaluations" / "ev-1" / "out"
     done_before = len(read_records(next(out.glob("*.jsonl"))))
-    assert done_before < 24
+    assert done_before < RESTART_LEVELS
 
     def restart():
         time.sleep(1.0)
@@ -580,25 +565,57 @@ def test_restarted_server_is_reached_with_wait_for_ready_and_resumes(world):
 
     thread = threading.Thread(target=restart)
     thread.start()
-    status = c.get_evaluation("ev-restart")  # waits for the new server
+    status = c.get_evaluation("ev-1")  # waits for the new server
     thread.join()
     assert status["state"] == "failed" and "submit the same request id" in status["error"]
-    assert c.submit_evaluation([(RUN, "1")], levels=24, request_id="ev-restart")["state"] in (
-        "queued",
-        "running",
-    )
-    final = list(c.watch_evaluation("ev-restart", timeout=300))[-1]
+    assert c.submit_evaluation([(RUN, "1")], **request)["state"] in ("queued", "running")
+    states = []
+    for status in c.watch_evaluation("ev-1", timeout=300):
+        states.append((status["state"], status["levels_done"]))
+    final = status
     assert final["state"] == "succeeded", final["error"]
+    names = [s for s, _ in states]
+    assert names[-1] == "succeeded" and "running" in names
+    assert names.index("running") < names.index("succeeded")
+    done = [n for s, n in states if s == "running"]
+    assert done == sorted(done) and done[0] >= done_before
+    (label,) = final["checkpoints"]
+    assert final["checkpoints"][label]["levels_done"] == RESTART_LEVELS
+    counts = final["checkpoints"][label]["counts"]
+    by_category = final["results"]["checkpoints"][label]["by_category"]
+    assert counts == {k: v["count"] for k, v in by_category.items() if v["count"]}
     (stats,) = final["results"]["checkpoints"].values()
-    assert stats["levels"] == 24 and stats["levels_this_run"] == 24 - done_before
-    # an evaluation finished before the restart is still known
-    assert c.get_evaluation("ev-1")["state"] == "succeeded"
+    assert stats["levels"] == RESTART_LEVELS
+    assert stats["levels_this_run"] == RESTART_LEVELS - done_before
+    # the same records as `loupe evaluate`, in-process and uninterrupted
+    reference.result(timeout=600)
+    out = Path(final["out_dir"])
+    assert per_level(out / f"{label}.jsonl") == per_level(ref / f"{label}.jsonl")
+    assert sorted(per_level(out / f"{label}.jsonl")) == list(range(3, 3 + RESTART_LEVELS))
+    # idempotent: the same id and request is the same evaluation; another request is refused
+    again = c.submit_evaluation([(RUN, "1")], **request)
+    assert again["state"] == "succeeded" and again["results"] == final["results"]
+    code, message = code_and_message(
+        lambda: c.submit_evaluation([(RUN, "1")], levels=9, request_id="ev-1")
+    )
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "choose a new id" in message
+    # an evaluation finished before a restart is still known
+    restart_server(world)
+    known = c.get_evaluation("ev-1")
+    assert known["state"] == "succeeded" and known["results"] == final["results"]
     c.close()
+    pool.shutdown()
 
 
 # -- the command -----------------------------------------------------------------------------------
 def test_loupe_serve_command(world, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # the refused command runs meanwhile (two commands, each its own process)
+    refused = subprocess.Popen(
+        [sys.executable, "-m", "loupe.cli", "serve", "--run", str(world["run"]),
+         "--bind", "0.0.0.0:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "loupe.cli", "serve", "--run", str(world["run"]),
          "--bind", "127.0.0.1:0", "--state-dir", str(tmp_path / "state")],
@@ -614,13 +631,9 @@ def test_loupe_serve_command(world, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-    refused = subprocess.run(
-        [sys.executable, "-m", "loupe.cli", "serve", "--run", str(world["run"]),
-         "--bind", "0.0.0.0:0"],
-        capture_output=True, text=True, env=env, timeout=60,
-    )  # fmt: skip
+        _, refused_err = refused.communicate(timeout=60)
     assert refused.returncode == 2
-    assert refused.stderr.strip().splitlines() == [
+    assert refused_err.strip().splitlines() == [
         "loupe: error: refusing to serve on 0.0.0.0:0 without TLS and a token; pass --tls-cert, "
         "--tls-key and --token-file, or bind 127.0.0.1"
     ]

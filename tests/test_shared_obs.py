@@ -1,5 +1,5 @@
 """Shared-memory observation buffers between rollout actors and the learner (real /dev/shm files,
-real procgen, a real local Ray)."""
+real procgen; real Ray actors writing into them are in test_distributed.py)."""
 
 from __future__ import annotations
 
@@ -123,93 +123,5 @@ def test_joined_rollout_reads_the_shared_buffer_and_copies_in_parts_that_brought
         RolloutBuilder(t, 2, (1, 2, 2), obs=np.zeros((t, 3, 1, 2, 2), np.uint8))
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from loupe.distributed import init_ray
-
-    init_ray(None, num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.mark.integration
-def test_ray_actors_write_frames_in_place_and_the_batches_equal_the_object_store_ones(
-    local_ray, tmp_path
-):
-    from attention import build_policy
-    from loupe.bench import _train_config
-    from loupe.distributed import RaySampler
-
-    cfg = _train_config("procgen:coinrun", "nature", 4, 8, 10**6, str(tmp_path), actors=2,
-                        distribution_mode="easy")  # fmt: skip
-    weights = {
-        k: v.numpy() for k, v in build_policy("nature", (3, 64, 64), 15).state_dict().items()
-    }
-    batches = {}
-    for shared in (True, False):
-        sampler = RaySampler(cfg, shared_obs=shared)
-        try:
-            sampler.start(weights, 0)
-            got = [sampler.collect() for _ in range(3)]  # all three held: three buffers
-            prefix = sampler.shared.prefix if shared else None
-        finally:
-            sampler.close()
-        assert [s["shared_obs"] for _, s in got] == [float(shared)] * 3
-        assert all(s["transfer_s"] >= 0 for _, s in got)
-        batches[shared] = [r for r, _ in got]
-        if shared:
-            assert not glob.glob(prefix + "-*")  # files gone at close
-            assert len({id(r.obs) for r in batches[shared]}) == 3
-    for a, b in zip(batches[True], batches[False]):
-        assert a.obs.shape == (8, 4, 3, 64, 64) and a.obs.any()
-        np.testing.assert_array_equal(a.obs, b.obs)
-        np.testing.assert_array_equal(a.actions, b.actions)
-        np.testing.assert_array_equal(a.rewards, b.rewards)
-    assert not any(os.path.basename(p).startswith(f"loupe-obs-{os.getpid()}-")
-                   for p in os.listdir("/dev/shm"))  # fmt: skip
-
-
-@pytest.mark.integration
-def test_an_actor_ray_restarts_writes_its_frames_in_place_too(local_ray, tmp_path):
-    """Found by the soak, two faults behind the learner's memory stepping up at every actor
-    death: the batch being sampled stayed referenced for good (through the error Ray keeps for
-    the lost ref, its traceback and collect's frame), and the files went once every actor had
-    mapped them, so the actor Ray started in place of the dead one sent its frames through the
-    object store for the rest of the run (a copy per batch)."""
-    import ray
-
-    from attention import build_policy
-    from loupe.bench import _train_config
-    from loupe.distributed import RaySampler
-
-    cfg = _train_config("procgen:coinrun", "nature", 4, 8, 10**6, str(tmp_path), actors=2,
-                        distribution_mode="easy")  # fmt: skip
-    cfg = dataclasses.replace(cfg, max_policy_lag=0)
-    weights = {
-        k: v.numpy() for k, v in build_policy("nature", (3, 64, 64), 15).state_dict().items()
-    }
-    sampler = RaySampler(cfg)
-    try:
-        sampler.start(weights, 0)
-        rollout, first = sampler.collect()
-        del rollout  # its buffer is the one handed out next, the one the dead actor had mapped
-        old = ray.get(sampler.actors[1].__ray_call__.remote(lambda self: os.getpid()))
-        ray.kill(sampler.actors[1], no_restart=False)  # Ray restarts it
-        stats = []
-        for v in (1, 2, 3):
-            sampler.publish(weights, v)
-            stats.append(sampler.collect()[1])
-        new = ray.get(sampler.actors[1].__ray_call__.remote(lambda self: os.getpid()))
-    finally:
-        sampler.close()
-    assert new != old
-    # nothing holds the batch the death interrupted (Ray keeps the lost ref's error, and the
-    # error held the traceback with collect's frame): one buffer served every batch
-    assert len(sampler.shared.paths) == 1, sampler.shared.paths
-    assert first["obs_copied_actors"] == 0.0 and first["shared_obs"] == 1.0
-    assert stats[-1]["actor_failures"] >= 1.0, stats
-    # after the restart every batch is written in place by both actors
-    assert [s["shared_obs"] for s in stats[1:]] == [1.0, 1.0], stats
-    assert [s["obs_copied_actors"] for s in stats[1:]] == [0.0, 0.0], stats
+# the real Ray actors writing in place (and after a restart) are in test_distributed.py, on
+# that module's local Ray

@@ -13,7 +13,7 @@ from loupe.errors import LoupeError
 from loupe.study import EditStudy, StudyConfig, _blindness, _tests
 
 SMALL = ["--levels", "6", "--workers", "0", "--probe-envs", "2", "--probe-steps", "16",
-         "--ig-samples", "8", "--nmf-components", "3", "--no-progress"]  # fmt: skip
+         "--ig-samples", "4", "--nmf-components", "2", "--no-progress"]  # fmt: skip
 
 
 def right_runner(tmp_path: Path, env: str = "procgen:coinrun") -> Path:

@@ -8,8 +8,10 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,43 +64,59 @@ def test_env_config_dict_holds_its_own_family_only(env_id, own, other):
     assert from_dict(EnvConfig, dataclasses.asdict(cfg)) == cfg
 
 
+@pytest.fixture(scope="module")
+def rounded_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`loupe train --total-steps 40` (2 envs x 16 steps a batch), with its progress bar."""
+    run = tmp_path_factory.mktemp("rounded") / "run"
+    proc = loupe("train", "--env", "procgen:coinrun", "--policy", "nature", *TINY,
+                 "--total-steps", "40", "--run-dir", str(run), "--no-announce")  # fmt: skip
+    return proc, run
+
+
+def train_in_process(capsys, *args: str) -> str:
+    """`loupe train ARGS` in this process (its CLI entry point) -> its stdout."""
+    from loupe.cli import main
+
+    capsys.readouterr()
+    status = main(["train", *args])
+    out, err = capsys.readouterr()
+    assert status == 0, err[-2000:]
+    return out
+
+
 @pytest.mark.integration
-def test_atari_config_json_lists_no_procgen_options_and_resumes(tmp_path):
+def test_atari_config_json_lists_no_procgen_options_and_resumes(tmp_path, capsys):
     run = tmp_path / "breakout"
-    proc = loupe("train", "--env", "ALE/Breakout-v5", "--policy", "nature", *TINY, "--total-steps",
-                 "32", "--run-dir", str(run), "--no-progress", "--no-announce")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    train_in_process(capsys, "--env", "ALE/Breakout-v5", "--policy", "nature", *TINY,
+                     "--total-steps", "32", "--run-dir", str(run), "--no-progress",
+                     "--no-announce")  # fmt: skip
     saved = json.loads((run / "config.json").read_text())
     assert not set(option_names("procgen")) & set(saved["env"]), saved["env"]
     assert set(option_names("ALE")) <= set(saved["env"])
     (meta,) = [json.loads(p.read_text()) for p in (run / "checkpoints").glob("ckpt-*[0-9].json")]
     assert not set(option_names("procgen")) & set(meta["env_options"])
     assert TrainConfig.load(run / "config.json").env.family == "ALE"
-    again = loupe("train", "--resume", str(run), "--total-steps", "64", "--no-progress")
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "done at step 64" in again.stdout
+    out = train_in_process(capsys, "--resume", str(run), "--total-steps", "64", "--no-progress")
+    assert "done at step 64" in out
 
 
 @pytest.mark.integration
-def test_old_config_json_with_every_option_still_resumes(tmp_path):
-    run = tmp_path / "old"
-    proc = loupe("train", "--env", "procgen:coinrun", "--policy", "interpretable", *TINY,
-                 "--total-steps", "32", "--run-dir", str(run), "--no-progress", "--no-announce")  # fmt: skip
+def test_old_config_json_with_every_option_still_resumes(rounded_run, tmp_path, capsys):
+    proc, trained = rounded_run
     assert proc.returncode == 0, proc.stderr[-2000:]
+    run = tmp_path / "old"
+    shutil.copytree(trained, run)
     config = json.loads((run / "config.json").read_text())
     config["env"] |= {"sticky_actions": 0.25, "episodic_life": False, "frame_stack": 4,
                       "ale_threads": 0}  # fmt: skip  # as config.json files were written before
     (run / "config.json").write_text(json.dumps(config))
-    again = loupe("train", "--resume", str(run), "--total-steps", "64", "--no-progress")
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "done at step 64" in again.stdout
+    out = train_in_process(capsys, "--resume", str(run), "--total-steps", "96", "--no-progress")
+    assert "done at step 96" in out
 
 
 @pytest.mark.integration
-def test_rounded_total_is_said_and_the_bar_counts_real_steps(tmp_path):
-    run = tmp_path / "run"
-    proc = loupe("train", "--env", "procgen:coinrun", "--policy", "interpretable", *TINY,
-                 "--total-steps", "40", "--run-dir", str(run), "--no-announce")  # fmt: skip
+def test_rounded_total_is_said_and_the_bar_counts_real_steps(rounded_run):
+    proc, _ = rounded_run
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert lines[1] == "--total-steps 40 is rounded up to 64 = 2 updates of 2 envs x 16 steps"
