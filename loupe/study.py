@@ -153,6 +153,8 @@ class EditStudy:
                 "feature": best["feature"],
                 "share": best["total"][cls],
                 "lift": (best.get("lift") or {}).get(cls),
+                # the class's share of all positions of the probe's frames (0: never on screen)
+                "area": (best.get("area") or {}).get(cls),
                 "dominant": best["label"] == cls,
                 "label": best["label"],
                 "label_share": best["share"],
@@ -163,9 +165,14 @@ class EditStudy:
             self.log(
                 f"[2/5] labels: {edit}: feature {c['feature']} has {100 * c['share']:.1f}% of its "
                 f"attribution on {c['class']}{_lift(c.get('lift'))} (its label: {c['label']} "
-                f"{100 * c['label_share']:.1f}%)"
+                f"{100 * c['label_share']:.1f}%){_absent(c, self.frames())}"
             )
         return record
+
+    def frames(self) -> int:
+        """How many frames the probe attributes (the frames its features are labelled on)."""
+        c = self.config
+        return min(c.ig_samples, c.probe_envs * c.probe_steps)
 
     def edit(self, labels: dict[str, Any], summary: dict[str, Any]) -> dict[str, str]:
         from learner.checkpoint import list_checkpoints
@@ -226,10 +233,16 @@ class EditStudy:
         shas = {"original": self.sha256(self.config.checkpoint)}
         shas.update({name: self.sha256(path) for name, path in edits.items()})
         rows = _rows(evals, shas)
+        by_feature = {f["feature"]: f for f in labels["labels"]}
+        edits_chosen = {  # labels.json from before areas were recorded: read them off the labels
+            edit: {"area": (by_feature[c["feature"]].get("area") or {}).get(c["class"]), **c}
+            for edit, c in labels["edits"].items()
+        }
         study = {
             "config": _identity(self.config),
             "layer": labels["layer"],
-            "edits": labels["edits"],
+            "probe_frames": self.frames(),
+            "edits": edits_chosen,
             "features": [_feature_row(f) for f in labels["labels"]],
             "rows": rows,
             "tests": {edit: _tests(rows["original"], rows[edit]) for edit in EDITS},
@@ -353,7 +366,7 @@ def format_study(study: dict[str, Any]) -> str:
             f"({100 * chosen['share']:.1f}% of its attribution on {chosen['class']}; its dominant "
             f"class: {chosen['label']}); blindness ratio {ratio} "
             f"(+{b['edit_increase_pct']:.2f} points vs +{b['invisible_increase_pct']:.2f} "
-            "with the group invisible)"
+            f"with the group invisible){_absent(chosen, study.get('probe_frames'))}"
         )
     if study.get("features"):
         classes = ("saw", "enemy_left", "enemy_right")
@@ -439,3 +452,14 @@ def _feature_row(label: dict[str, Any]) -> dict[str, Any]:
 def _lift(lift: float | None) -> str:
     """ ", 7.2x its area" for a chosen feature's lift on its class (nothing for older probes)."""
     return f", {lift:.1f}x its area" if lift else ""
+
+
+def _absent(chosen: dict[str, Any], frames: int | None) -> str:
+    """A warning where the chosen feature's class was never on screen in the probe's attributed
+    frames: no feature can be found for it then, and the edit removes an arbitrary one."""
+    if chosen.get("area") != 0:
+        return ""
+    return (
+        f"; no {chosen['class']} was on screen in the probe's {frames or 'attributed'} frames, "
+        "so no feature for it can be found (probe more: --probe-envs, --probe-steps, --ig-samples)"
+    )

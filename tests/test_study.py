@@ -10,7 +10,7 @@ import torch
 
 from loupe.cli import main
 from loupe.errors import LoupeError
-from loupe.study import EditStudy, StudyConfig, _blindness, _tests
+from loupe.study import EditStudy, StudyConfig, _absent, _blindness, _tests
 
 SMALL = ["--levels", "6", "--workers", "0", "--probe-envs", "2", "--probe-steps", "16",
          "--ig-samples", "4", "--nmf-components", "2", "--no-progress"]  # fmt: skip
@@ -66,6 +66,11 @@ def test_study_runs_every_stage_and_resumes_without_redoing_work(tmp_path):
     table = (out / "table.md").read_text()
     assert table.startswith("| model | levels |")
     labels = json.loads((out / "labels.json").read_text())["labels"]
+    assert study["probe_frames"] == 4  # --ig-samples 4 of the 2 envs x 16 steps
+    for chosen in study["edits"].values():  # a class never on screen is named in the table
+        cls = chosen["class"]
+        assert chosen["area"] == labels[chosen["feature"]]["area"][cls]
+        assert (f"no {cls} was on screen in the probe's 4 frames" in table) == (chosen["area"] == 0)
     assert [f["feature"] for f in study["features"]] == [f["feature"] for f in labels]
     for f in labels:  # one table row per feature, with its label and its saw share and lift
         row = f"| nmf:{f['feature']} | {f['label']} {100 * f['share']:.1f}% | "
@@ -129,3 +134,14 @@ def test_blindness_ratio_and_fisher_tests_on_known_counts():
     assert b["invisible_increase_pct"] == pytest.approx(0.2)
     with pytest.raises(LoupeError, match="--levels must be positive"):
         StudyConfig(checkpoint="x", out="y", levels=0)
+
+
+@pytest.mark.unit
+def test_a_class_absent_from_the_probe_frames_is_named():
+    chosen = {"class": "enemy_left", "area": 0.0}
+    says = _absent(chosen, 256)
+    assert (
+        "no enemy_left was on screen in the probe's 256 frames" in says and "--probe-steps" in says
+    )
+    assert _absent({**chosen, "area": 0.002}, 256) == ""
+    assert _absent({"class": "saw"}, 256) == ""  # labels from before areas were recorded
