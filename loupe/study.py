@@ -50,10 +50,15 @@ class StudyConfig:
     levels: int = 10_000
     #: first level seed of the evaluation (levels start_level .. start_level + levels - 1)
     start_level: int = 100_000
-    #: environments x steps the probe records (its NMF is fitted on ``ig_samples`` frames)
-    probe_envs: int = 8
-    probe_steps: int = 128
+    #: environments x steps the probe records (its NMF is fitted on ``ig_samples`` frames;
+    #: enemies are in few levels, so many environments)
+    probe_envs: int = 64
+    probe_steps: int = 64
     ig_samples: int = 256
+    #: how those frames are chosen (probes.suite.ProbeConfig.frames): "hazards" makes sure of
+    #: frames showing saws and enemies, "even" spreads them evenly (studies from before it was
+    #: recorded)
+    probe_frames: str = "hazards"
     #: NMF features
     nmf_components: int = 8
     #: Ray evaluators (0: in-process)
@@ -67,6 +72,8 @@ class StudyConfig:
                 raise LoupeError(f"--{name.replace('_', '-')} must be positive")
         if self.start_level < 0 or self.workers < 0:
             raise LoupeError("--start-level and --workers must be >= 0")
+        if self.probe_frames not in ("even", "hazards"):
+            raise LoupeError("--probe-frames must be even or hazards")
 
 
 class EditStudy:
@@ -102,7 +109,8 @@ class EditStudy:
         want = {**_identity(self.config), "sha256": meta["sha256"]}
         marker = self.out / "config.json"
         if marker.is_file():
-            have = load_json(marker)
+            # studies from before the frame choice was recorded spread their frames evenly
+            have = {"probe_frames": "even", **load_json(marker)}
             if have != want:
                 diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
                 raise LoupeError(
@@ -124,11 +132,15 @@ class EditStudy:
             self.log(f"[1/5] probe: done ({summary_path})")
             return load_json(summary_path)
         c = self.config
-        self.log(f"[1/5] probe: {c.probe_envs} envs x {c.probe_steps} steps, IG + NMF + labels")
+        self.log(
+            f"[1/5] probe: {c.probe_envs} envs x {c.probe_steps} steps, IG of {self.frames()} "
+            f"frames ({c.probe_frames}) + NMF + labels"
+        )
         cfg = ProbeConfig(
             num_envs=c.probe_envs,
             num_steps=c.probe_steps,
             ig_samples=c.ig_samples,
+            frames=c.probe_frames,
             nmf_components=c.nmf_components,
             seed=c.seed,
         )

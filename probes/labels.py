@@ -144,3 +144,30 @@ def find_label(labels: Sequence[FeatureLabel], name: str, min_share: float = 0.0
             + f"; labels found: {found}"
         )
     return max(matches, key=lambda f: f.share)
+
+
+def choose_frames(presence: np.ndarray, k: int, quota: int) -> np.ndarray:
+    """``k`` frames of a recording, making sure of rare objects: sorted frame indices.
+
+    ``presence`` (F, H) bool says which frames show each of H object classes (e.g. the hazards).
+    Rarest class first, each class gets up to ``quota`` frames that show it, counting those
+    already chosen for another class (evenly spaced among the frames that show it); the rest of
+    the ``k`` are spread evenly over the frames not chosen yet. A class that no frame shows gets
+    none; with ``quota`` 0 this is the evenly spaced choice of frames.
+    """
+    presence = np.asarray(presence, dtype=bool)
+    n = presence.shape[0]
+    k = min(k, n)
+    chosen = np.zeros(n, dtype=bool)
+
+    def spread(candidates: np.ndarray, take: int) -> None:
+        if take > 0 and len(candidates):
+            take = min(take, len(candidates))
+            chosen[candidates[np.linspace(0, len(candidates) - 1, take).astype(int)]] = True
+
+    for c in np.argsort(presence.sum(0), kind="stable"):
+        have = int((chosen & presence[:, c]).sum())
+        room = k - int(chosen.sum())
+        spread(np.flatnonzero(presence[:, c] & ~chosen), min(quota - have, room))
+    spread(np.flatnonzero(~chosen), k - int(chosen.sum()))
+    return np.flatnonzero(chosen)

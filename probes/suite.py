@@ -31,6 +31,13 @@ DEFAULT_LAYERS = {
 }  # fmt: skip
 
 
+#: ProbeConfig.frames: how the attributed frames are chosen
+FRAME_CHOICES = ("even", "hazards")
+#: the object classes "hazards" makes sure of, each in up to 1/HAZARD_QUOTA of the frames
+HAZARDS = ("saw", "enemy_left", "enemy_right", "lava")
+HAZARD_QUOTA = 8
+
+
 @dataclasses.dataclass
 class ProbeConfig:
     """What one probe run computes, and how much of it."""
@@ -43,6 +50,11 @@ class ProbeConfig:
     num_steps: int = 128
     #: observations attributed with integrated gradients (evenly spread over the recording)
     ig_samples: int = 64
+    #: how the attributed frames are chosen: "even" (evenly spread over the recording) or, for
+    #: CoinRun, "hazards": up to 1/8 of them showing each hazard class (saw, enemy_left,
+    #: enemy_right, lava; from the game state), so that rare objects are there to be labelled,
+    #: the rest evenly spread
+    frames: str = "even"
     #: Riemann steps of integrated gradients
     ig_steps: int = 10
     #: NMF features (capped at the layer's channel count)
@@ -64,6 +76,10 @@ class ProbeConfig:
                      "bookmarks", "smoothgrad_copies"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise LoupeError(f"probe setting {name} must be positive")
+        if self.frames not in FRAME_CHOICES:
+            raise LoupeError(
+                f"probe frames must be one of {', '.join(FRAME_CHOICES)}, not {self.frames!r}"
+            )
 
 
 def env_config_for(meta: dict[str, Any], num_envs: int, seed: int):
@@ -130,6 +146,11 @@ def run_suite(checkpoint: str | Path, out_dir: str | Path, config: ProbeConfig |
     if policy is None or meta is None:
         policy, meta = load_checkpoint(checkpoint)  # verifies size and sha256
     policy.eval()
+    if config.frames == "hazards" and meta.get("env") != "procgen:coinrun":
+        raise LoupeError(
+            "frames 'hazards' are chosen from CoinRun's game state, and this checkpoint was "
+            f"trained on {meta.get('env') or 'an unknown env'}; use frames 'even'"
+        )
     layer = config.layer or DEFAULT_LAYERS.get(policy.spec["name"], policy.layer_names[0])
     if layer not in policy.layer_names:
         raise LoupeError(
@@ -185,10 +206,19 @@ def _analyse(policy, meta, layer: str, config: ProbeConfig, out: Path) -> dict[s
     n_frames = config.num_steps * config.num_envs
     idx = np.linspace(0, n_frames - 1, min(config.ig_samples, n_frames)).astype(int)
     coinrun = meta.get("env") == "procgen:coinrun"
-    # CoinRun: keep the game states of the attributed frames, to label features by object
+    hazards = config.frames == "hazards"
+    # CoinRun: keep the game states of the attributed frames (with "hazards": of every frame,
+    # to choose them), to label features by object
     steps = sorted({int(i) // config.num_envs for i in idx}) if coinrun else []
+    if hazards:
+        steps = list(range(config.num_steps))
     rollout, states_at = record_with_states(policy, meta, config, steps)
     timings["record_s"] = time.perf_counter() - t0
+    selection = None
+    if hazards:
+        t0 = time.perf_counter()
+        idx, selection = _hazard_frames(states_at, config)
+        timings["frames_s"] = time.perf_counter() - t0
     frames = rollout.obs.reshape(-1, *rollout.obs.shape[2:])  # (T*N, C, H, W), time-major
     obs = torch.from_numpy(frames[idx])
 
@@ -203,6 +233,7 @@ def _analyse(policy, meta, layer: str, config: ProbeConfig, out: Path) -> dict[s
         "layer_shape": list(ig.activation.shape[1:]),
         "ig_targets": ig.targets,
         "ig_observations": len(idx),
+        "frames": selection or {"selection": "even"},
         "max_completeness_delta": float(ig.delta.abs().max()),
         "top10_attribution_share": top_share(value_attr),
         "episodes_recorded": len(rollout.episodes),
@@ -386,6 +417,25 @@ def _nmf(attr, obs, config: ProbeConfig, out: Path, views: dict[str, Any]):
         nmf,
         features,
     )
+
+
+def _hazard_frames(states_at: dict[int, list[bytes]], config: ProbeConfig):
+    """The attributed frames for ProbeConfig.frames "hazards" -> (time-major frame indices, what
+    the choice found: frames of the recording and of the choice showing each hazard)."""
+    from actors.coinrun_masks import CLASS_INDEX, class_masks
+    from actors.coinrun_state import CoinRunState
+    from probes.labels import choose_frames
+
+    cols = [CLASS_INDEX[c] for c in HAZARDS]
+    presence = np.array([class_masks(CoinRunState.parse(s))[cols].any(axis=(1, 2))
+                         for t in range(config.num_steps) for s in states_at[t]])  # fmt: skip
+    idx = choose_frames(presence, config.ig_samples, config.ig_samples // HAZARD_QUOTA)
+    return idx, {
+        "selection": "hazards",
+        "recorded": len(presence),
+        "recorded_showing": dict(zip(HAZARDS, presence.sum(0).tolist())),
+        "attributed_showing": dict(zip(HAZARDS, presence[idx].sum(0).tolist())),
+    }
 
 
 def _labels(nmf, features, activation, states: list[bytes]) -> dict[str, Any]:

@@ -175,3 +175,88 @@ def test_summary_direction_by_index_and_by_label():
         summary_direction(summary, "nmf:3", "2b")
     with pytest.raises(LoupeError, match="not 2a"):
         summary_direction(summary, "nmf:0", "2a")
+
+
+@pytest.mark.unit
+def test_choose_frames_makes_sure_of_rare_classes_and_spreads_the_rest():
+    from probes.labels import choose_frames
+
+    presence = np.zeros((100, 2), dtype=bool)
+    presence[[7, 8, 60], 0] = True  # a rare class on 3 frames
+    presence[::2, 1] = True  # a common one on every other frame
+    got = choose_frames(presence, 10, 2)
+    assert len(got) == 10 and list(got) == sorted(set(got.tolist()))
+    assert presence[got, 0].sum() == 2 and {7, 60} <= set(got.tolist())  # the ends of its frames
+    assert presence[got, 1].sum() >= 2
+    # quota 0: the evenly spaced frames, as "even" chooses them
+    np.testing.assert_array_equal(choose_frames(presence, 10, 0),
+                                  np.linspace(0, 99, 10).astype(int))  # fmt: skip
+    # a frame chosen for one class counts for the others it shows
+    both = np.zeros((50, 2), dtype=bool)
+    both[10, :] = True
+    both[30:40, 1] = True
+    got = choose_frames(both, 5, 1)
+    assert 10 in got and both[got, 1].sum() == 1 + int(np.isin(np.arange(30, 40), got).sum())
+    # more frames asked for than recorded: every frame; a class no frame shows gets none
+    np.testing.assert_array_equal(choose_frames(np.zeros((6, 1), bool), 9, 3), np.arange(6))
+    # every class at its quota when there is room: a slow check over random recordings
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        p = rng.random((rng.integers(1, 200), 4)) < rng.random(4) * 0.1
+        k = int(rng.integers(1, 64))
+        got = choose_frames(p, k, k // 8)
+        assert len(got) == min(k, len(p)) and len(set(got.tolist())) == len(got)
+        for c in range(4):
+            assert p[got, c].sum() >= min(k // 8, p[:, c].sum()), (c, k)
+
+
+@pytest.mark.unit
+def test_probe_frames_setting_is_checked():
+    from probes.suite import ProbeConfig
+
+    with pytest.raises(LoupeError, match="probe frames must be one of even, hazards"):
+        ProbeConfig(frames="rare")
+
+
+@pytest.mark.integration
+def test_hazard_frames_are_chosen_from_the_recorded_game_states(tmp_path):
+    """A real CoinRun probe with frames "hazards": the counts it reports equal a slow recount of
+    the same recording's game states, every hazard gets its quota of the attributed frames where
+    the recording has them, and a non-CoinRun checkpoint is refused before anything is written."""
+    import torch
+
+    from actors.coinrun_masks import CLASS_INDEX, class_masks
+    from actors.coinrun_state import CoinRunState
+    from attention import build_policy
+    from learner.checkpoint import load_checkpoint, save_checkpoint
+    from probes.suite import HAZARDS, ProbeConfig, record_with_states, run_suite
+
+    torch.manual_seed(0)
+    policy = build_policy("interpretable", (3, 64, 64), 15)
+    meta = {"step": 0, "run_id": "t", "env": "procgen:coinrun",
+            "env_options": {"distribution_mode": "easy"}}  # fmt: skip
+    ckpt = save_checkpoint(tmp_path / "run", policy, meta)
+    config = ProbeConfig(num_envs=16, num_steps=16, ig_samples=16, smoothgrad_copies=1,
+                         nmf_components=2, frames="hazards")  # fmt: skip
+    summary = run_suite(ckpt, tmp_path / "probe", config)
+    frames = summary["frames"]
+    assert frames["selection"] == "hazards" and frames["recorded"] == 256
+    assert summary["ig_observations"] == 16
+    # the same recording again (same seeds), counted frame by frame
+    loaded, meta = load_checkpoint(ckpt)
+    _, states = record_with_states(loaded, meta, config, range(16))
+    counts = {c: 0 for c in HAZARDS}
+    for t in range(16):
+        for s in states[t]:
+            masks = class_masks(CoinRunState.parse(s))
+            for c in HAZARDS:
+                counts[c] += bool(masks[CLASS_INDEX[c]].any())
+    assert frames["recorded_showing"] == counts
+    assert counts["saw"] > 0  # saws are in most levels: the choice had something to do
+    for c in HAZARDS:
+        assert frames["attributed_showing"][c] >= min(16 // 8, counts[c]), c
+    # Atari or another procgen game has no such state: refused, nothing written
+    other = save_checkpoint(tmp_path / "bigfish", policy, {**meta, "env": "procgen:bigfish"})
+    with pytest.raises(LoupeError, match="use frames 'even'"):
+        run_suite(other, tmp_path / "other", config)
+    assert not (tmp_path / "other").exists()

@@ -30,6 +30,11 @@ def register(sub) -> None:
                    help="steps recorded per environment")  # fmt: skip
     p.add_argument("--ig-samples", type=int_range(1, 100_000), default=64,
                    help="observations attributed with integrated gradients")  # fmt: skip
+    p.add_argument("--frames", choices=("even", "hazards"), default="even",
+                   help="how the attributed observations are chosen: evenly spread over the "
+                   "recording, or (CoinRun) up to 1/8 of them showing each hazard (saw, "
+                   "enemy_left, enemy_right, lava) so that rare objects can be labelled "
+                   "(default: even)")  # fmt: skip
     p.add_argument("--nmf-components", type=int_range(1, 1024), default=8,
                    help="NMF features of the attributions")  # fmt: skip
     p.add_argument("--smoothgrad-copies", type=int_range(1, 10_000), default=50,
@@ -78,6 +83,7 @@ def probe_config(args):
         num_envs=args.num_envs,
         num_steps=args.num_steps,
         ig_samples=args.ig_samples,
+        frames=args.frames,
         nmf_components=args.nmf_components,
         smoothgrad_copies=args.smoothgrad_copies,
     )

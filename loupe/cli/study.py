@@ -45,17 +45,17 @@ def register(sub) -> None:
     e.add_argument(
         "--workers", type=int_range(0, 4096), default=2, help="Ray evaluators (default: 2)"
     )
-    e.add_argument(
-        "--probe-envs", type=int_range(1, 4096), default=8, help="probe environments (default: 8)"
-    )
-    e.add_argument(
-        "--probe-steps",
-        type=int_range(1, 100_000),
-        default=128,
-        help="probe steps per env (default: 128)",
-    )
+    e.add_argument("--probe-envs", type=int_range(1, 4096), default=64,
+                   help="probe environments: each plays levels of its own, and enemies are in "
+                   "few levels (default: 64)")  # fmt: skip
+    e.add_argument("--probe-steps", type=int_range(1, 100_000), default=64,
+                   help="probe steps per env (default: 64)")  # fmt: skip
     e.add_argument("--ig-samples", type=int_range(1, 1_000_000), default=256,
                    help="frames attributed for the NMF and the labels (default: 256)")  # fmt: skip
+    e.add_argument("--probe-frames", choices=("even", "hazards"), default="hazards",
+                   help="how those frames are chosen: up to 1/8 of them showing each hazard "
+                   "(saw, enemy_left, enemy_right, lava), the rest evenly spread, or all evenly "
+                   "spread (default: hazards)")  # fmt: skip
     e.add_argument(
         "--nmf-components", type=int_range(1, 1024), default=8, help="NMF features (default: 8)"
     )
@@ -114,6 +114,7 @@ def cmd_study_edits(args: argparse.Namespace) -> int:
         probe_envs=args.probe_envs,
         probe_steps=args.probe_steps,
         ig_samples=args.ig_samples,
+        probe_frames=args.probe_frames,
         nmf_components=args.nmf_components,
         workers=args.workers,
         seed=args.seed,
