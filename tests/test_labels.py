@@ -100,20 +100,26 @@ def test_bad_shapes_and_missing_labels_say_what_to_do():
         find_label(labels, "saw")
 
 
-@pytest.mark.integration
-def test_probe_suite_labels_every_coinrun_feature_from_recorded_states(tmp_path):
-    """A real probe of a CoinRun interpretable policy: labels come from the recorded game states."""
+def untrained_coinrun_checkpoint(run):
+    """A checkpoint of a fresh interpretable policy (seed 0) trained on nothing, for CoinRun."""
     import torch
 
     from attention import build_policy
     from learner.checkpoint import save_checkpoint
-    from probes.suite import ProbeConfig, run_suite
 
     torch.manual_seed(0)
     policy = build_policy("interpretable", (3, 64, 64), 15)
     meta = {"step": 0, "run_id": "t", "env": "procgen:coinrun",
             "env_options": {"distribution_mode": "easy"}}  # fmt: skip
-    ckpt = save_checkpoint(tmp_path / "run", policy, meta)
+    return save_checkpoint(run, policy, meta)
+
+
+@pytest.mark.integration
+def test_probe_suite_labels_every_coinrun_feature_from_recorded_states(tmp_path):
+    """A real probe of a CoinRun interpretable policy: labels come from the recorded game states."""
+    from probes.suite import ProbeConfig, run_suite
+
+    ckpt = untrained_coinrun_checkpoint(tmp_path / "run")
     config = ProbeConfig(num_envs=2, num_steps=16, ig_samples=8, smoothgrad_copies=2,
                          nmf_components=3)  # fmt: skip
     summary = run_suite(ckpt, tmp_path / "probe", config)
@@ -223,19 +229,12 @@ def test_hazard_frames_are_chosen_from_the_recorded_game_states(tmp_path):
     """A real CoinRun probe with frames "hazards": the counts it reports equal a slow recount of
     the same recording's game states, every hazard gets its quota of the attributed frames where
     the recording has them, and a non-CoinRun checkpoint is refused before anything is written."""
-    import torch
-
     from actors.coinrun_masks import CLASS_INDEX, class_masks
     from actors.coinrun_state import CoinRunState
-    from attention import build_policy
     from learner.checkpoint import load_checkpoint, save_checkpoint
     from probes.suite import HAZARDS, ProbeConfig, record_with_states, run_suite
 
-    torch.manual_seed(0)
-    policy = build_policy("interpretable", (3, 64, 64), 15)
-    meta = {"step": 0, "run_id": "t", "env": "procgen:coinrun",
-            "env_options": {"distribution_mode": "easy"}}  # fmt: skip
-    ckpt = save_checkpoint(tmp_path / "run", policy, meta)
+    ckpt = untrained_coinrun_checkpoint(tmp_path / "run")
     config = ProbeConfig(num_envs=16, num_steps=16, ig_samples=16, smoothgrad_copies=1,
                          nmf_components=2, frames="hazards")  # fmt: skip
     summary = run_suite(ckpt, tmp_path / "probe", config)
@@ -256,7 +255,7 @@ def test_hazard_frames_are_chosen_from_the_recorded_game_states(tmp_path):
     for c in HAZARDS:
         assert frames["attributed_showing"][c] >= min(16 // 8, counts[c]), c
     # Atari or another procgen game has no such state: refused, nothing written
-    other = save_checkpoint(tmp_path / "bigfish", policy, {**meta, "env": "procgen:bigfish"})
+    other = save_checkpoint(tmp_path / "bigfish", loaded, {**meta, "env": "procgen:bigfish"})
     with pytest.raises(LoupeError, match="use frames 'even'"):
         run_suite(other, tmp_path / "other", config)
     assert not (tmp_path / "other").exists()
