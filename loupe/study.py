@@ -243,7 +243,8 @@ class EditStudy:
         self, labels: dict[str, Any], edits: dict[str, str], evals: dict[str, dict[str, Any]]
     ) -> dict[str, Any]:
         shas = {"original": self.sha256(self.config.checkpoint)}
-        shas.update({name: self.sha256(path) for name, path in edits.items()})
+        # in the order of EDITS (labels.json keeps its keys sorted)
+        shas.update({name: self.sha256(edits[name]) for name in EDITS if name in edits})
         rows = _rows(evals, shas)
         by_feature = {f["feature"]: f for f in labels["labels"]}
         edits_chosen = {  # labels.json from before areas were recorded: read them off the labels
@@ -254,7 +255,7 @@ class EditStudy:
             "config": _identity(self.config),
             "layer": labels["layer"],
             "probe_frames": self.frames(),
-            "edits": edits_chosen,
+            "edits": {name: edits_chosen[name] for name in EDITS if name in edits_chosen},
             "features": [_feature_row(f) for f in labels["labels"]],
             "rows": rows,
             "tests": {edit: _tests(rows["original"], rows[edit]) for edit in EDITS},
