@@ -48,7 +48,7 @@ class ProbeConfig:
     num_envs: int = 8
     #: steps recorded per environment
     num_steps: int = 128
-    #: observations attributed with integrated gradients (evenly spread over the recording)
+    #: observations attributed with integrated gradients (chosen as ``frames`` says)
     ig_samples: int = 64
     #: how the attributed frames are chosen: "even" (evenly spread over the recording) or, for
     #: CoinRun, "hazards": up to 1/8 of them showing each hazard class (saw, enemy_left,
