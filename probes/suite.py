@@ -209,9 +209,10 @@ def _analyse(policy, meta, layer: str, config: ProbeConfig, out: Path) -> dict[s
     hazards = config.frames == "hazards"
     # CoinRun: keep the game states of the attributed frames (with "hazards": of every frame,
     # to choose them), to label features by object
-    steps = sorted({int(i) // config.num_envs for i in idx}) if coinrun else []
     if hazards:
         steps = list(range(config.num_steps))
+    else:
+        steps = sorted({int(i) // config.num_envs for i in idx}) if coinrun else []
     rollout, states_at = record_with_states(policy, meta, config, steps)
     timings["record_s"] = time.perf_counter() - t0
     selection = None
